@@ -1,0 +1,5 @@
+import sys
+
+from rtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""The `rtune` command: each subcommand parses flags and calls one plain function of the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rtune.errors import RtuneError
+
+EXAMPLES = {
+    "data prepare": "rtune data prepare --source alpaca-demo --out data/train.jsonl --limit 200 --holdout 12",
+    "data inspect": "rtune data inspect data/train.jsonl --model gemma-3-270m --method rt --index 0",
+    "train": "rtune train --model gemma-3-270m --data data/train.jsonl --method rt --out runs/rt --config cpu",
+    "merge": "rtune merge runs/rt --out models/rt-merged",
+    "generate": "rtune generate runs/rt --prompts data/train.heldout.jsonl --out gens/rt.jsonl",
+    "chat": "rtune chat runs/rt",
+    "demo": "rtune demo --out rtune-demo",
+    "model fetch": "rtune model fetch gemma-3-270m",
+}
+
+
+def _parser(sub, name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name.split()[-1],
+        help=help,
+        description=(description or help) + f"\n\nexample:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# -- data ---------------------------------------------------------------------------------------
+def cmd_data_prepare(a) -> None:
+    from rtune.sources import prepare
+
+    fields = {
+        k: v
+        for k, v in {
+            "instruction_field": a.instruction_field,
+            "input_field": a.input_field,
+            "response_field": a.response_field,
+            "id_field": a.id_field,
+        }.items()
+        if v is not None
+    }
+    summary = prepare(a.source, a.out, limit=a.limit, seed=a.seed, holdout=a.holdout, strict=a.strict, **fields)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def cmd_data_inspect(a) -> None:
+    from rtune.render import describe, visualize
+    from rtune.sources import read_records
+
+    records = read_records(a.file)
+    if not 0 <= a.index < len(records):
+        raise RtuneError(f"{a.file}: --index {a.index} is out of range (the file has {len(records)} records)")
+    renderer = load_renderer(a.model, a.template)
+    seq = renderer.render_training(records[a.index], a.method, a.max_length)
+    if seq is None:
+        raise RtuneError(f"{a.file}: record {a.index} has nothing left to train at --max-length {a.max_length}")
+    if a.json:
+        print(json.dumps(describe(renderer, seq), ensure_ascii=False))
+    else:
+        color = sys.stdout.isatty() if a.color == "auto" else a.color == "always"
+        print(visualize(renderer, seq, color=color))
+        print(f"\n[{a.method}] {len(seq.input_ids)} tokens, {seq.num_trained} trained (highlighted)", file=sys.stderr)
+
+
+def load_renderer(model: str, template: str | None):
+    """The renderer of a run folder (its saved template) or of a model's tokenizer."""
+    from rtune.models import is_run_dir, load_tokenizer
+    from rtune.render import Renderer
+
+    if is_run_dir(model):
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        info = json.loads((Path(model) / "rtune_run.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(Path(model) / "tokenizer")
+        if template and template != info["renderer"]["template"]:
+            raise RtuneError(f"{model} was trained with --template {info['renderer']['template']}, not {template}")
+        return Renderer.from_dict(info["renderer"], tokenizer)
+    return Renderer(load_tokenizer(model), template or "tulu")
+
+
+# -- training -----------------------------------------------------------------------------------
+TRAIN_FLAGS = [
+    # flag, config field, type, help
+    ("--method", "method", str, "rt | it | rt-empty-user"),
+    ("--template", "template", str, "tulu (the paper's tags) | model (the tokenizer's chat template)"),
+    ("--peft", "peft", str, "lora (default) | qlora (CUDA) | none (full fine-tuning)"),
+    ("--epochs", "epochs", float, "training epochs"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--lr-scheduler", "lr_scheduler", str, "constant | cosine | linear"),
+    ("--batch-size", "batch_size", int, "micro-batch size per device"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimiser step"),
+    ("--max-length", "max_length", int, "truncate sequences to this many tokens"),
+    ("--max-steps", "max_steps", int, "stop after this many optimiser steps"),
+    ("--save-steps", "save_steps", int, "checkpoint every N optimiser steps (0: only at the end)"),
+    ("--seed", "seed", int, "random seed"),
+    ("--lora-r", "lora_r", int, "LoRA rank"),
+    ("--lora-alpha", "lora_alpha", float, "LoRA alpha"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
+    ("--precision", "precision", str, "auto | fp32 | bf16"),
+]
+
+
+def cmd_train(a) -> None:
+    from rtune.config import load_config
+    from rtune.train import train
+
+    overrides = {field: getattr(a, field) for _, field, _, _ in TRAIN_FLAGS if getattr(a, field) is not None}
+    if a.gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
+    if a.merge:
+        overrides["merge"] = True
+    config = load_config(a.config, overrides)
+    result = train(a.model, a.data, a.out, config, resume=a.resume, progress=not a.quiet)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_merge(a) -> None:
+    from rtune.merge import merge_run
+
+    out = merge_run(a.run, a.out)
+    print(f"merged model written to {out}")
+
+
+# -- inference ----------------------------------------------------------------------------------
+def _add_generation_flags(p) -> None:
+    p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _generation_config(a):
+    from rtune.generate import GenerationConfig
+
+    values = {
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "repetition_penalty": a.repetition_penalty,
+        "seed": a.seed,
+        "batch_size": getattr(a, "batch_size", None),
+    }
+    config = GenerationConfig(**{k: v for k, v in values.items() if v is not None})
+    config.do_sample = a.sample
+    return config
+
+
+def cmd_generate(a) -> None:
+    from rtune.generate import generate_file
+
+    summary = generate_file(a.model, a.prompts, a.out, _generation_config(a), template=a.template)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_chat(a) -> None:
+    from rtune.chat import chat
+
+    chat(a.model, template=a.template, config=_generation_config(a))
+
+
+def cmd_model_fetch(a) -> None:
+    from rtune.assets import builtin_model_dir
+
+    print(builtin_model_dir(a.name))
+
+
+def cmd_demo(a) -> None:
+    from rtune.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out_dir=a.out)
+    for field in ("train_size", "eval_size", "epochs", "max_new_tokens"):
+        if getattr(a, field) is not None:
+            setattr(config, field, getattr(a, field))
+    run_demo(config, resume=a.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtune",
+        description="Response Tuning: align a base language model by training on responses alone.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare and inspect training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = _parser(data_sub, "data prepare", "normalise a dataset into rtune JSONL records",
+                "Write {id, instruction, response, source} records. SRC: alpaca, dolly, lima (hub), "
+                "alpaca-demo (offline), or a .json/.jsonl/.csv/.parquet file.")
+    p.add_argument("--source", required=True, metavar="SRC")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="keep N records (deterministic for --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=int, default=0, help="also write K held-out records to FILE.heldout.jsonl")
+    p.add_argument("--strict", action="store_true", help="empty responses are errors instead of skipped")
+    p.add_argument("--instruction-field", default=None)
+    p.add_argument("--input-field", default=None)
+    p.add_argument("--response-field", default=None)
+    p.add_argument("--id-field", default=None)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = _parser(data_sub, "data inspect", "show a rendered record with its trained tokens highlighted")
+    p.add_argument("file")
+    p.add_argument("--model", required=True, help="model spec or run folder (for its tokenizer and template)")
+    p.add_argument("--method", default="rt", help="rt | it | rt-empty-user")
+    p.add_argument("--template", default=None, help="tulu (default) | model")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print input_ids, labels and trained_text as JSON")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = _parser(sub, "train", "fine-tune a base model with RT or IT (LoRA by default)",
+                "Settings come from --config (a preset: paper, cpu; or a YAML file), then the flags.")
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or gemma-3-270m")
+    p.add_argument("--data", required=True, help="rtune JSONL from `rtune data prepare`")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", default="paper", help="paper (default) | cpu | FILE.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    for flag, field, typ, help in TRAIN_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, default=None, help=help)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--merge", action="store_true", help="also write merged weights at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = _parser(sub, "merge", "merge a LoRA run into a standalone model folder")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = _parser(sub, "generate", "answer prompts with a model or run (batched, greedy by default)")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("--prompts", required=True, help="JSONL/JSON records with instruction (and id), or .txt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=None)
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = _parser(sub, "chat", "multi-turn chat in the terminal (/reset, /exit)")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    model = sub.add_parser("model", help="built-in offline models")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    p = _parser(model_sub, "model fetch", "convert a built-in model once into the cache and print its folder")
+    p.add_argument("name", help="gemma-3-270m | smollm2-135m-instruct")
+    p.set_defaults(func=cmd_model_fetch)
+
+    p = _parser(sub, "demo", "RT vs IT vs base on the offline default (Gemma 3 270M + alpaca-demo)")
+    p.add_argument("--out", default="rtune-demo")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="reuse finished steps and resume interrupted training")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except RtuneError as e:
+        print(f"rtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
