@@ -219,7 +219,7 @@ class _ModelTemplate:
                 "--template model: the chat template does not render the assistant reply verbatim after "
                 "its generation prompt, so the loss mask cannot be built exactly; use --template tulu"
             )
-        end, _ = self._split_end(full[len(prompt) + len(probe) :])
+        end, self.after_end = self._split_end(full[len(prompt) + len(probe) :])
         ids = list(self.tok(end, add_special_tokens=False)["input_ids"]) if end else []
         if not ids:
             if self.tok.eos_token_id is None:
@@ -246,6 +246,7 @@ class _ModelTemplate:
                 Segment(pre + self._assistant_header()),
                 Segment(messages[0]["content"], trained=True),
                 Segment(ids=list(self.end_ids), trained=True),
+                Segment(self.after_end),
             ]
         if messages[-1]["role"] != "assistant" or add_generation_prompt:
             return [Segment(self._apply(messages, add_generation_prompt))]
