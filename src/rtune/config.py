@@ -1,0 +1,263 @@
+"""Training configuration: one dataclass with every knob, two presets, YAML files that mirror them.
+
+`TrainConfig()` holds the paper's hyperparameters (An, Kim & Kim 2024): LoRA r=64, alpha=16,
+dropout 0.1 on all linear layers, lr 1e-4 constant, 10 epochs, 8 x 8 accumulation (effective
+batch 64), max length 2048, max_grad_norm 0.3, seed 0, bf16 where the hardware has it, with
+portable choices for the parts that need a GPU (plain LoRA on a full-precision base, torch AdamW).
+The presets:
+
+    paper        the defaults above (runs anywhere; slow on a CPU).
+    paper-qlora  the paper exactly: QLoRA (4-bit NF4 base), paged AdamW 32-bit, gradient
+                 checkpointing, bf16. Needs CUDA and bitsandbytes.
+    cpu          a laptop setting: LoRA, micro-batch 2 x 4 accumulation (effective 8), max length
+                 512, 3 epochs, length-grouped batches, bf16 autocast where the CPU has native bf16.
+
+`configs/paper.yaml` and `configs/cpu.yaml` are the same presets written out for users to copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rtune.errors import RtuneError
+
+METHODS = ("rt", "it", "rt-empty-user")
+TEMPLATES = ("tulu", "model")
+PEFT = ("lora", "qlora", "none")
+SCHEDULERS = ("constant", "cosine", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "paged_adamw_32bit")
+
+
+@dataclass
+class TrainConfig:
+    # What is trained
+    method: str = "rt"  # rt | it | rt-empty-user
+    template: str = "tulu"  # tulu (the paper's plain-text tags) | model (the tokenizer's chat template)
+    peft: str = "lora"  # lora | qlora (4-bit NF4 base, CUDA only) | none (full fine-tuning)
+    lora_r: int = 64
+    lora_alpha: int | float = 16
+    lora_dropout: float = 0.1
+    lora_target: str | list[str] = "all-linear"  # or a list of module names, e.g. [q_proj, v_proj]
+
+    # Optimisation
+    optimizer: str = "adamw"  # adamw | paged_adamw_32bit (bitsandbytes, CUDA)
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"  # constant | cosine | linear
+    warmup_ratio: float = 0.0  # fraction of all optimiser steps spent warming up linearly from 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3  # 0 = no clipping
+    epochs: int | float = 10  # may be fractional (0.5 = half an epoch)
+    max_steps: int | None = None  # stop after this many optimiser steps (the schedule ends there too)
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 8  # micro-batches per optimiser step per process
+    max_length: int = 2048  # tokens; longer sequences are truncated (the renderer drops those left untrained)
+    group_by_length: bool = False  # batch sequences of similar length (less padding, same randomness per epoch)
+    seed: int = 0
+
+    # Hardware
+    precision: str = "auto"  # auto: bf16 where the hardware has it natively (CUDA bf16, AMX/AVX512-BF16 CPUs), else fp32
+    gradient_checkpointing: bool = False
+
+    # Bookkeeping
+    log_steps: int = 10  # log every N optimiser steps
+    save_steps: int = 200  # checkpoint every N optimiser steps; 0 = no checkpoints (final weights only)
+    save_total_limit: int = 2  # checkpoints kept (oldest deleted first)
+    merge: bool = False  # also write merged standalone weights (LoRA only) to <run>/merged at the end
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "paper-qlora": {
+        "peft": "qlora",
+        "optimizer": "paged_adamw_32bit",
+        "gradient_checkpointing": True,
+        "precision": "bf16",
+    },
+    # A laptop: ~170 trained tokens/s for Gemma 3 270M on 2 AMX cores with bf16 autocast (~105 in
+    # fp32). Effective batch 8 gives ~125 optimiser steps per epoch on LIMA instead of 16. CPU
+    # throughput hardly depends on the micro-batch, so 2 x 4 accumulation (exactly the loss of one
+    # batch of 8, see train.py) keeps peak memory at ~7 GB instead of ~12 GB (4 x 512 tokens).
+    "cpu": {
+        "peft": "lora",
+        "optimizer": "adamw",
+        "batch_size": 2,
+        "grad_accum": 4,
+        "max_length": 512,
+        "epochs": 3,
+        "group_by_length": True,
+        "precision": "auto",
+        "gradient_checkpointing": False,
+        "log_steps": 1,
+        "save_steps": 25,
+    },
+}
+
+# Fields that only change bookkeeping, not the trained weights; a resumed run may change them.
+BOOKKEEPING_FIELDS = ("log_steps", "save_steps", "save_total_limit", "merge")
+
+
+def _choice(choices: tuple):
+    def check(v):
+        if v not in choices:
+            return f"must be one of {', '.join(choices)}, got {v!r}"
+        return None
+
+    return check
+
+
+# Range checks per field: return an error text or None.
+_CHECKS = {
+    "method": _choice(METHODS),
+    "template": _choice(TEMPLATES),
+    "peft": _choice(PEFT),
+    "lr_scheduler": _choice(SCHEDULERS),
+    "precision": _choice(PRECISIONS),
+    "optimizer": _choice(OPTIMIZERS),
+    "lora_r": lambda v: None if v >= 1 else "must be >= 1",
+    "lora_alpha": lambda v: None if v > 0 else "must be > 0",
+    "lora_dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    "lr": lambda v: None if v > 0 else "must be > 0",
+    "warmup_ratio": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    "weight_decay": lambda v: None if v >= 0 else "must be >= 0",
+    "max_grad_norm": lambda v: None if v >= 0 else "must be >= 0 (0 = no clipping)",
+    "epochs": lambda v: None if v > 0 else "must be > 0",
+    "max_steps": lambda v: None if v is None or v >= 1 else "must be >= 1 or null",
+    "batch_size": lambda v: None if v >= 1 else "must be >= 1",
+    "grad_accum": lambda v: None if v >= 1 else "must be >= 1",
+    "max_length": lambda v: None if v >= 2 else "must be >= 2",
+    "log_steps": lambda v: None if v >= 1 else "must be >= 1",
+    "save_steps": lambda v: None if v >= 0 else "must be >= 0 (0 = no checkpoints)",
+    "save_total_limit": lambda v: None if v >= 1 else "must be >= 1",
+}
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+
+def _coerce(name: str, value, type_text: str):
+    """Turn a YAML or command-line value into the field's type; raise ValueError with a reason."""
+    optional = "None" in type_text
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError("must not be null")
+    if type_text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if type_text.startswith("int | float"):  # a number shown as an int when it is one (epochs: 10)
+        number = _coerce(name, value, "float")
+        return int(number) if number.is_integer() else number
+    if type_text.startswith("int"):
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if type_text.startswith("float"):
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        number = None
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"expected a number, got {value!r}")
+        return number
+    if name == "lora_target":
+        if isinstance(value, str):
+            return value if value == "all-linear" or "," not in value else [s.strip() for s in value.split(",") if s.strip()]
+        if isinstance(value, list) and value and all(isinstance(s, str) and s for s in value):
+            return list(value)
+        raise ValueError(f"expected 'all-linear' or a list of module names, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {value!r}")
+
+
+def apply_values(config: TrainConfig, values: dict, source: str) -> TrainConfig:
+    """A copy of `config` with `values` set, each coerced and checked; errors name `source` and the field."""
+    if not isinstance(values, dict):
+        raise RtuneError(f"{source}: expected a mapping of field: value, got {type(values).__name__}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out = dataclasses.replace(config)
+    for name, raw in values.items():
+        if name not in types:
+            close = [k for k in types if k.replace("_", "") == str(name).replace("_", "").replace("-", "")]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RtuneError(f"{source}: unknown field {name!r}{hint}; known fields: {', '.join(types)}")
+        try:
+            value = _coerce(name, raw, types[name])
+            problem = _CHECKS[name](value) if name in _CHECKS else None
+            if problem:
+                raise ValueError(problem)
+        except ValueError as e:
+            raise RtuneError(f"{source}: field {name!r}: {e}") from None
+        setattr(out, name, value)
+    return out
+
+
+def load_config(preset_or_yaml_path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
+    """The defaults, then a preset ("paper", "cpu") or a YAML file, then `overrides` (e.g. CLI flags).
+
+    A YAML file lists fields to change from the defaults (the files in configs/ list them all).
+    Unknown fields and bad values raise RtuneError naming the file and the field.
+    """
+    config = TrainConfig()
+    if preset_or_yaml_path is not None:
+        spec = str(preset_or_yaml_path)
+        if spec in PRESETS:
+            config = apply_values(config, PRESETS[spec], f"preset {spec!r}")
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise RtuneError(f"config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                raise RtuneError(f"{path}: not valid YAML: {e}") from None
+            config = apply_values(config, data or {}, str(path))
+    if overrides:
+        config = apply_values(config, {k: v for k, v in overrides.items()}, "command line")
+    return config
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def config_from_dict(d: dict, source: str) -> TrainConfig:
+    """A config saved by rtune (config.yaml or rtune_run.json), checked like a user file."""
+    return apply_values(TrainConfig(), d, source)
+
+
+def config_differences(saved: TrainConfig, new: TrainConfig, ignore=BOOKKEEPING_FIELDS) -> list[str]:
+    """Field names whose values differ (ignoring bookkeeping fields), for resume checks."""
+    a, b = saved.to_dict(), new.to_dict()
+    return [k for k in a if k not in ignore and a[k] != b[k]]

@@ -1,0 +1,704 @@
+"""The training recipe: records -> rendered sequences -> (Q)LoRA or full fine-tuning -> a run folder.
+
+One readable loop on top of `accelerate.Accelerator`: `python -m rtune train ...` trains on one
+device, `accelerate launch -m rtune train ...` trains data-parallel (DDP) with no code change.
+
+The loss of an optimiser step is exactly the mean token cross-entropy over every trained token of
+the step: each micro-batch contributes the SUM of its token losses divided by the number of
+trained tokens of the whole step (all micro-batches, all processes), known in advance from the
+batch plan. Averaging per micro-batch (the "mean of means" bug) would weight a short response's
+tokens more than a long one's and make the result depend on how the step is split.
+
+Resuming is exact: the batch order is a pure function of (seed, epoch), the learning rate a pure
+function of the step, and a checkpoint holds the trainable weights, optimiser state and every RNG
+state, so a resumed run ends with the same weights as an uninterrupted one.
+
+Run folder (it describes itself, so inference always uses the training template):
+
+    rtune_run.json    method, renderer (template), config, base model, data hash and counts,
+                      library versions, times, final loss; "status": "complete" is written last
+    config.yaml       the resolved config (copy it to repeat the run)
+    tokenizer/        the tokenizer (save_pretrained)
+    adapter/          LoRA weights (peft save_pretrained), or model/ for full fine-tuning
+    log.jsonl         one row per logged step
+    checkpoints/step-NNNNNN/   the newest save_total_limit checkpoints
+    merged/           with config.merge: base + adapter as a standalone model folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rtune.batching import IGNORE, collate_padded, plan_batches, trained_tokens
+from rtune.checkpoint import (
+    atomic_dir,
+    begin_checkpoint,
+    clean_staging,
+    finish_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_tree,
+    restore_rng_state,
+    staging_dir,
+    write_rank_state,
+)
+from rtune.config import TrainConfig, config_differences, config_from_dict, config_to_yaml, load_config
+from rtune.errors import RtuneError
+from rtune.io import sha256_file, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("rtune.train")
+
+RUN_INFO = "rtune_run.json"
+RUN_FORMAT_VERSION = 1
+TEMPLATE_INFO = "rtune_template.json"  # written into merged model folders (see merge.py)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces (each tested on its own)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: bf16 matmuls run several times faster than fp32 on such CPUs."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except Exception:  # private probes: absent on some builds and platforms
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 where the hardware runs it natively (CUDA with bf16, AMX/AVX512-BF16 CPUs), else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cpu":
+            return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RtuneError("precision bf16: this GPU has no bf16 support; use --precision fp32")
+    return precision
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warmup, then constant/cosine/linear decay."""
+    warmup = int(math.ceil(config.warmup_ratio * total_steps))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.lr_scheduler == "constant":
+        return config.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if config.lr_scheduler == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (1.0 - progress)  # linear
+
+
+def plan_steps(lengths: list[int], config: TrainConfig, epoch: int, world_size: int) -> list[list[list[int]]]:
+    """The optimiser steps of one epoch, each a list of micro-batches (lists of sequence indices).
+
+    A step takes world_size x grad_accum consecutive micro-batches of the epoch's plan; the last
+    step of an epoch may have fewer. Every process computes the same plan.
+    """
+    batches = plan_batches(lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+    per_step = world_size * config.grad_accum
+    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
+
+
+def my_micro_batches(step: list[list[int]], rank: int, world_size: int) -> list[tuple[list[int], float]]:
+    """This process's share of a step, as (micro-batch, weight) pairs.
+
+    Micro-batches are dealt round-robin. Every process must run the same number of backward passes
+    (DDP synchronises gradients on the last one), so a process that is short of micro-batches in an
+    epoch's last step repeats the step's first micro-batch with weight 0: it adds nothing to the
+    gradient but keeps the processes in step.
+    """
+    mine = [(b, 1.0) for b in step[rank::world_size]]
+    n = math.ceil(len(step) / world_size)
+    return mine + [(step[0], 0.0)] * (n - len(mine))
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies over trained tokens, computed in fp32.
+
+    The model is called without labels, so nothing averages per micro-batch behind our back; the
+    shift is done on the labels (targets[t] = labels[t+1]), which keeps the logits contiguous.
+    """
+    with autocast:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+    logits = out.logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimiser
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 probes a transformers attribute deprecated in 5.x; the warning is noise for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def apply_peft(model, config: TrainConfig):
+    """LoRA / QLoRA adapters on the (already loaded) base model, or full fine-tuning."""
+    ckpt_kwargs = {"use_reentrant": False}  # works with a frozen embedding layer, keeps dropout RNG
+    if config.peft == "none":
+        if config.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.peft == "qlora":
+        # Casts norms to fp32, freezes the 4-bit base, and turns on gradient checkpointing if asked.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    elif config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target,  # "all-linear": every linear layer except the output head
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # LoRA A matrices are drawn from the global RNG: seed right here so they depend on the seed only.
+    seed_everything(config.seed)
+    with quiet_peft():
+        return get_peft_model(model, lora)
+
+
+def check_hardware(config: TrainConfig, device: torch.device) -> None:
+    """Fail before anything is written when the config needs what this machine lacks."""
+    needs = [what for what, used in (("--peft qlora", config.peft == "qlora"),
+                                     ("optimizer paged_adamw_32bit", config.optimizer == "paged_adamw_32bit")) if used]
+    if not needs:
+        return
+    if device.type != "cuda":
+        raise RtuneError(f"{' and '.join(needs)} need a CUDA GPU (bitsandbytes); on this machine use "
+                         "peft lora and optimizer adamw (e.g. --config cpu)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RtuneError(f"{' and '.join(needs)} need bitsandbytes: pip install 'rtune[gpu]'") from None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
+    if config.optimizer == "paged_adamw_32bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def load_base_model(model_spec: str, config: TrainConfig, device: torch.device):
+    from rtune.models import load_model
+
+    if config.peft == "qlora":
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        return load_model(model_spec, dtype=dtype, device=device, quantization="nf4")
+    # fp32 master weights; bf16 only inside autocast. Loading straight onto the GPU saves a copy.
+    return load_model(model_spec, dtype=torch.float32, device=device if device.type == "cuda" else None)
+
+
+def describe_base_model(model_spec: str) -> dict:
+    """What the run was trained from, and the spec that loads it again from any working directory."""
+    from rtune.models import resolve_model
+
+    ref = resolve_model(model_spec)
+    local = ref.kind in ("folder", "gguf")
+    path = str(Path(ref.path).resolve()) if local else ref.path
+    load = str(Path(path) / ref.gguf_file) if ref.gguf_file else (path if local else ref.spec)
+    return {"spec": model_spec, "kind": ref.kind, "path": path, "gguf_file": ref.gguf_file, "load": load}
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        raise RtuneError(f"{run_dir} is not an rtune run folder (no {RUN_INFO})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RtuneError(f"{path}: not valid JSON: {e}") from None
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        what = "is a file" if not run_dir.is_dir() else "exists and is not empty"
+        raise RtuneError(f"{run_dir} {what}; use --resume to continue that run, or another --out")
+
+
+def _check_resume(run_dir: Path, saved: dict, expected: dict) -> None:
+    """Refuse to resume when anything that shapes the trained weights differs from the saved run."""
+    problems = []
+    saved_config = config_from_dict(saved["config"], f"{run_dir / RUN_INFO} (config)")
+    for name in config_differences(saved_config, expected["config_obj"]):
+        problems.append(f"{name} (saved {getattr(saved_config, name)!r}, now {getattr(expected['config_obj'], name)!r})")
+    if saved["base_model"]["load"] != expected["base_model"]["load"]:
+        problems.append(f"model (saved {saved['base_model']['load']!r}, now {expected['base_model']['load']!r})")
+    if saved["data"]["sha256"] != expected["data"]["sha256"]:
+        problems.append(f"data (sha256 of {expected['data']['path']} differs from the saved {saved['data']['path']})")
+    if saved["renderer"] != expected["renderer"]:
+        problems.append("renderer (the template or the tokenizer's special tokens changed)")
+    if saved["training"]["world_size"] != expected["training"]["world_size"]:
+        problems.append(
+            f"number of processes (saved {saved['training']['world_size']}, now {expected['training']['world_size']})"
+        )
+    if problems:
+        raise RtuneError(
+            f"cannot resume {run_dir}: these differ from the saved run: " + "; ".join(problems)
+            + ". Resume with the same settings, or start a new run with another --out."
+        )
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the log rows up to the resumed step (later ones will be logged again); drop a torn last line."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            rows.append(line)
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+
+def train(
+    model_spec: str,
+    data_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train `model_spec` on the records in `data_path` and write a run folder at `out_dir`.
+
+    resume=True continues the run in `out_dir` from its newest checkpoint (from step 0 if it has
+    none yet) and ends with the same weights as an uninterrupted run. `callback(row)` is called on
+    every process after each optimiser step (and after any checkpoint of that step); an exception
+    it raises stops training, which tests use to simulate an interruption.
+    Returns the final rtune_run.json contents.
+    """
+    from accelerate import Accelerator, DistributedType
+
+    from rtune.models import library_versions, load_tokenizer
+    from rtune.render import Renderer
+    from rtune.sources import read_records
+
+    run_dir = Path(out_dir)
+    # bf16 is our own autocast around the forward pass (fp32 master weights, loss in fp32), the
+    # same thing accelerate's mixed_precision="bf16" does, but decided by the config alone (not by
+    # `accelerate launch` flags) and not frozen in accelerate's process-wide state.
+    accelerator = Accelerator(mixed_precision="no")
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        raise RtuneError(
+            f"{accelerator.distributed_type.value} is not supported yet (loss normalisation and checkpoints are "
+            "tested for single-device and DDP runs); use a plain multi-GPU accelerate config"
+        )
+    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world_size:  # otherwise each process would train alone, all into the same folder
+        raise RtuneError(
+            f"{launched} processes were launched but accelerate sees {world_size}; on CPUs launch with "
+            "`accelerate launch --cpu` (or set ACCELERATE_USE_CPU=1)"
+        )
+    main = accelerator.is_main_process
+    config = load_config(None, config.to_dict())  # re-validate (callers may have edited fields)
+    config.precision = resolve_precision(config.precision, device)
+    check_hardware(config, device)
+    if config.peft == "none" and config.merge:
+        config.merge = False  # full fine-tuning already writes a standalone model/
+
+    # -- the run folder: new, or one to resume --------------------------------------------------
+    saved = None
+    if resume:
+        if not (run_dir / RUN_INFO).is_file():
+            has_ckpt = latest_checkpoint(run_dir) is not None
+            raise RtuneError(
+                f"--resume: {run_dir} has no {RUN_INFO}"
+                + ("" if has_ckpt else " and no checkpoint")
+                + "; there is no run to resume there (start it without --resume, or delete the folder)"
+            )
+        saved = read_run_info(run_dir)
+    else:
+        _check_new_run_dir(run_dir)
+    accelerator.wait_for_everyone()  # every process checked before the main one writes anything
+
+    # -- data: records -> rendered sequences ------------------------------------------------------
+    tokenizer = load_tokenizer(model_spec)
+    renderer = Renderer(tokenizer, template=config.template)
+    records = read_records(data_path)
+    seqs, stats = renderer.render_dataset(records, config.method, config.max_length)
+    counts = stats.as_dict()
+    kept = [s for s in seqs if trained_tokens(s.labels) > 0]  # a lone trained token at position 0 predicts nothing
+    counts["dropped_nothing_trained"] += len(seqs) - len(kept)
+    counts["rendered"] = len(kept)
+    seqs = kept
+    if counts["dropped_nothing_trained"] and main:
+        log.warning(
+            "dropped %d of %d records: nothing left to train after truncation to max_length %d",
+            counts["dropped_nothing_trained"], len(records), config.max_length,
+        )
+    if not seqs:
+        raise RtuneError(f"{data_path}: no record has a trainable token at max_length {config.max_length}")
+    lengths = [len(s.input_ids) for s in seqs]
+    n_trained = [trained_tokens(s.labels) for s in seqs]
+    counts["trained_tokens"] = sum(n_trained)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    steps_per_epoch = math.ceil(math.ceil(len(seqs) / config.batch_size) / (world_size * config.grad_accum))
+    total_steps = math.ceil(config.epochs * steps_per_epoch)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    info = {
+        "format": "rtune-run",
+        "version": RUN_FORMAT_VERSION,
+        "status": "running",
+        "method": config.method,
+        "renderer": renderer.to_dict(),
+        "config": config.to_dict(),
+        "base_model": describe_base_model(model_spec),
+        "weights": "model" if config.peft == "none" else "adapter",
+        "data": {"path": str(Path(data_path).resolve()), "sha256": sha256_file(data_path), **counts},
+        "training": {
+            "world_size": world_size,
+            "device": device.type,
+            "precision": config.precision,
+            "effective_batch": config.effective_batch(world_size),
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+        },
+        "versions": library_versions(),
+        "start_time": _now(),
+        "end_time": None,
+        "final_loss": None,
+        "resumes": [],
+    }
+    if saved is not None:
+        _check_resume(run_dir, saved, {**info, "config_obj": config})
+        if saved.get("status") == "complete":
+            if main:
+                log.info("%s is already complete; nothing to resume", run_dir)
+            return saved
+        info["start_time"] = saved.get("start_time", info["start_time"])
+        info["resumes"] = saved.get("resumes", [])
+        if saved.get("versions") != info["versions"] and main:
+            log.warning("library versions differ from the interrupted run's (%s -> %s): the result may differ "
+                        "slightly from an uninterrupted run", saved.get("versions"), info["versions"])
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_staging(run_dir)
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+        if not (run_dir / "tokenizer").is_dir():
+            with atomic_dir(run_dir / "tokenizer") as tmp:
+                tokenizer.save_pretrained(tmp)
+        write_json_atomic(run_dir / RUN_INFO, info)  # last: its presence means the header is complete
+    accelerator.wait_for_everyone()
+
+    # -- model -------------------------------------------------------------------------------------
+    seed_everything(config.seed)
+    model = apply_peft(load_base_model(model_spec, config, device), config)
+    params = trainable_parameters(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    info["training"]["trainable_params"] = sum(p.numel() for p in params.values())
+    info["training"]["total_params"] = n_params
+    optimizer = make_optimizer(list(params.values()), config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    params = trainable_parameters(unwrapped)
+    use_bf16 = config.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # -- resume: weights, optimiser, RNG, position ---------------------------------------------------
+    global_step, tokens_seen = 0, 0
+    # Dropout masks should differ between processes; process 0 of any run uses the plain seed.
+    seed_everything(config.seed + rank)
+    ckpt_path = latest_checkpoint(run_dir) if resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, rank)
+        missing = set(params) - set(ckpt["trainable"])
+        unexpected = set(ckpt["trainable"]) - set(params)
+        if missing or unexpected:
+            raise RtuneError(f"{ckpt_path}: parameters do not match the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        with torch.no_grad():
+            for name, tensor in ckpt["trainable"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_rng_state(ckpt["rng"])
+        global_step, tokens_seen = ckpt["state"]["step"], ckpt["state"]["tokens_seen"]
+        del ckpt
+        info["resumes"].append({"from_step": global_step, "time": _now()})
+        if main:
+            log.info("resuming %s from %s (step %d of %d)", run_dir, ckpt_path.name, global_step, total_steps)
+    elif resume:
+        info["resumes"].append({"from_step": 0, "time": _now()})
+        if main:
+            log.info("resuming %s: no checkpoint was written yet, starting from step 0", run_dir)
+    if main:
+        _trim_log(run_dir / "log.jsonl", global_step)
+        log.info(
+            "training %s (%s, %s) on %d sequences: %d steps of %d sequences, %s, %s, %d/%d parameters trained",
+            model_spec, config.method, config.peft, len(seqs), total_steps, config.effective_batch(world_size),
+            device.type, config.precision, info["training"]["trainable_params"], n_params,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=global_step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    log_file = open(run_dir / "log.jsonl", "a", encoding="utf-8") if main else None
+    start_time = time.time()
+    window_tokens, window_start = 0, time.time()
+    last_loss = None
+    model.train()
+    try:
+        first_epoch = global_step // steps_per_epoch
+        for epoch in range(first_epoch, math.ceil(config.epochs)):
+            steps = plan_steps(lengths, config, epoch, world_size)
+            skip = global_step - epoch * steps_per_epoch  # steps of this epoch already done (resume)
+            for step_in_epoch in range(skip, len(steps)):
+                if global_step >= total_steps:
+                    break
+                step = steps[step_in_epoch]
+                step_tokens = sum(n_trained[i] for b in step for i in b)  # over all processes
+                micro = my_micro_batches(step, rank, world_size)
+                # DDP averages gradients over processes; multiplying by world_size undoes that.
+                scale = world_size / step_tokens
+                local_sum = 0.0
+                for j, (indices, weight) in enumerate(micro):
+                    batch = {k: v.to(device) for k, v in collate_padded([seqs[i] for i in indices], pad_id).items()}
+                    last = j == len(micro) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        loss_sum = token_loss_sum(model, batch, autocast())
+                        accelerator.backward(loss_sum * (weight * scale))
+                    local_sum += weight * loss_sum.item()
+
+                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), max_norm))
+                lr = lr_at(global_step, config, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                tokens_seen += step_tokens
+                window_tokens += step_tokens
+
+                step_loss_sum = accelerator.reduce(torch.tensor(local_sum, dtype=torch.float64, device=device), reduction="sum")
+                last_loss = float(step_loss_sum) / step_tokens
+                row = {
+                    "step": global_step,
+                    "epoch": round(epoch + (step_in_epoch + 1) / steps_per_epoch, 4),
+                    "loss": round(last_loss, 6),
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 6),
+                    "trained_tokens": tokens_seen,
+                    "tokens_per_s": None,
+                    "elapsed_s": round(time.time() - start_time, 2),
+                }
+                if global_step % config.log_steps == 0 or global_step == total_steps:
+                    now = time.time()
+                    row["tokens_per_s"] = round(window_tokens / max(now - window_start, 1e-9), 1)
+                    window_tokens, window_start = 0, now
+                    if log_file:
+                        log_file.write(json.dumps(row) + "\n")
+                        log_file.flush()
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+
+                if config.save_steps and global_step % config.save_steps == 0 and global_step < total_steps:
+                    _save_checkpoint(
+                        accelerator, run_dir, global_step, params, optimizer, config,
+                        {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "tokens_seen": tokens_seen,
+                         "loss": last_loss, "world_size": world_size, "time": _now()},
+                    )
+                if callback is not None:
+                    callback(row)
+            if global_step >= total_steps:
+                break
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+
+    # -- final artefacts -----------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main:
+        target = run_dir / info["weights"]
+        if target.exists():  # written by an earlier attempt that died before rtune_run.json
+            remove_tree(target)
+        with atomic_dir(target) as tmp:
+            # LoRA: peft writes adapter_config.json + adapter_model.safetensors; full: a model folder.
+            unwrapped.save_pretrained(tmp)
+        info.update(
+            status="complete",
+            end_time=_now(),
+            final_loss=last_loss,
+            steps_done=global_step,
+            trained_tokens_seen=tokens_seen,
+            train_seconds=round(time.time() - start_time, 1),
+        )
+        write_json_atomic(run_dir / RUN_INFO, info)  # the completion marker, written last
+        log.info("done: %s (final loss %.4f)", run_dir, last_loss if last_loss is not None else float("nan"))
+    accelerator.wait_for_everyone()
+    if config.merge and main:
+        # Free the training copy first: the merge loads the base again (on CPU, one copy at a time).
+        del model, optimizer, unwrapped, params
+        accelerator.free_memory()
+        gc.collect()
+        from rtune.merge import merge_run
+
+        merge_run(run_dir, run_dir / "merged")
+        info["merged"] = "merged"
+        write_json_atomic(run_dir / RUN_INFO, info)
+    accelerator.wait_for_everyone()
+    return info
+
+
+def _save_checkpoint(accelerator, run_dir: Path, step: int, params: dict, optimizer, config: TrainConfig, state: dict):
+    """Main process stages the folder, every process adds its RNG state, main publishes it."""
+    tmp = begin_checkpoint(run_dir, step) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    write_rank_state(staging_dir(run_dir, step), accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finish_checkpoint(
+            run_dir, tmp, step=step, trainable={n: p for n, p in params.items()},
+            optimizer_state=optimizer.state_dict(), state=state, keep=config.save_total_limit,
+        )
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference side
+
+
+def load_run(run_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer, renderer, info) of a finished run folder or of a merged model folder.
+
+    The renderer comes from the folder, never from defaults: inference uses the training template.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rtune.render import Renderer
+
+    run_dir = Path(run_dir)
+    if (run_dir / TEMPLATE_INFO).is_file():  # a merged folder (merge.py)
+        info = json.loads((run_dir / TEMPLATE_INFO).read_text(encoding="utf-8"))
+        tokenizer = AutoTokenizer.from_pretrained(run_dir)
+        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+    else:
+        info = read_run_info(run_dir)
+        if info.get("status") != "complete":
+            raise RtuneError(f"{run_dir}: training has not finished (status {info.get('status')!r}); "
+                             "resume it with --resume")
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+        if info["weights"] == "model":
+            model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype)
+        else:
+            from peft import PeftModel
+
+            from rtune.models import load_model
+
+            with quiet_peft():
+                model = PeftModel.from_pretrained(load_model(info["base_model"]["load"], dtype=dtype), run_dir / "adapter")
+    if device is not None:
+        model.to(device)
+    model.eval()
+    renderer = Renderer.from_dict(info["renderer"], tokenizer)
+    return model, tokenizer, renderer, info
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m rtune.train MODEL DATA OUT [--config cpu] [--set lr=2e-4 ...] [--resume]`
+# (the `rtune train` command is the friendly front end; this one is for scripts and tests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtune.train")
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("out")
+    p.add_argument("--config", default=None, help="preset (paper, paper-qlora, cpu) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bad = [kv for kv in a.set if "=" not in kv]
+    if bad:
+        p.error(f"--set takes FIELD=VALUE, got {bad[0]!r}")
+    try:
+        config = load_config(a.config, dict(kv.split("=", 1) for kv in a.set))
+        train(a.model, a.data, a.out, config, resume=a.resume, progress=not a.quiet)
+    except RtuneError as e:
+        print(f"rtune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
