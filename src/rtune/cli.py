@@ -184,7 +184,7 @@ def cmd_demo(a) -> None:
     for field in ("train_size", "eval_size", "epochs", "max_new_tokens"):
         if getattr(a, field) is not None:
             setattr(config, field, getattr(a, field))
-    run_demo(config, resume=a.resume)
+    run_demo(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="reuse finished steps and resume interrupted training")
     p.set_defaults(func=cmd_demo)
     return parser
 

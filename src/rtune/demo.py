@@ -4,7 +4,8 @@ prepare alpaca-demo -> train RT and IT on the same responses -> answer held-out 
 the base, RT and IT models -> a side-by-side file and a short table.
 
 Every step writes its output atomically and is skipped when that output already exists, so an
-interrupted demo continues with `--resume` (training resumes from its last checkpoint).
+interrupted demo continues where it stopped when run again (training resumes from its last
+checkpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class DemoConfig:
     # to learn to answer and to stop, within the time budget.
     epochs: float = 3
     lr: float = 5e-4
-    batch_size: int = 8
     max_length: int = 256
     max_new_tokens: int = 160
     save_steps: int = 10
@@ -81,7 +81,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config: DemoConfig, resume: bool = False) -> dict:
+def run_demo(config: DemoConfig) -> dict:
     from rtune.config import load_config
     from rtune.generate import GenerationConfig, generate_file
     from rtune.sources import prepare
@@ -114,8 +114,6 @@ def run_demo(config: DemoConfig, resume: bool = False) -> dict:
         {
             "epochs": config.epochs,
             "lr": config.lr,
-            "batch_size": config.batch_size,
-            "grad_accum": 1,
             "max_length": config.max_length,
             "save_steps": config.save_steps,
             "seed": config.seed,
@@ -130,7 +128,8 @@ def run_demo(config: DemoConfig, resume: bool = False) -> dict:
             continue
         print(f"[demo] train {method.upper()} on {config.train_size} responses ...", flush=True)
         t = time.time()
-        train(config.model, str(train_file), str(run_dir), train_config, resume=resume and run_dir.exists())
+        # An interrupted run continues from its last checkpoint (a finished one is skipped above).
+        train(config.model, str(train_file), str(run_dir), train_config, resume=(run_dir / "rtune_run.json").exists())
         timings[f"train {method}"] = round(time.time() - t, 1)
 
     gen_config = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.eval_size)

@@ -1,0 +1,152 @@
+"""The real CLI, end to end, on a tiny model: prepare -> inspect -> train -> generate -> merge -> chat."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rtune.cli import EXAMPLES, build_parser, main
+from rtune.render import IGNORE
+
+RECORDS = [
+    {"instruction": f"Question number {i}?", "input": "" if i % 3 else "with context", "output": f"Answer {i}. " * (1 + i % 4)}
+    for i in range(14)
+]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(RECORDS), encoding="utf-8")
+    return path
+
+
+def test_every_subcommand_has_help_with_an_example(capsys):
+    parser = build_parser()
+    for name, example in EXAMPLES.items():
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(name.split() + ["--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "example:" in out and example in out
+
+
+def test_end_to_end_on_a_tiny_model(tmp_path, capsys, alpaca_file, tiny_model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_file = tmp_path / "data" / "train.jsonl"
+    code, out, _ = run_cli(capsys, "data", "prepare", "--source", alpaca_file, "--out", train_file, "--holdout", 3)
+    assert code == 0, out
+    assert len(read_jsonl(train_file)) == 11 and len(read_jsonl(tmp_path / "data" / "train.heldout.jsonl")) == 3
+    joined = [r for r in read_jsonl(train_file) if "\n\nwith context" in r["instruction"]]
+    assert joined, "instruction and input are joined with a blank line"
+
+    # inspect --json: the trained text is the response and EOS, for each method.
+    record = read_jsonl(train_file)[0]
+    for method in ("rt", "it", "rt-empty-user"):
+        code, out, _ = run_cli(capsys, "data", "inspect", train_file, "--model", tiny_model_path, "--method", method, "--json")
+        assert code == 0
+        view = json.loads(out)
+        assert view["trained_text"] == record["response"] + "<eos>"
+        assert len(view["input_ids"]) == len(view["labels"])
+        assert (record["instruction"] in view["text"]) == (method == "it")
+
+    # train: a few steps with checkpoints, fp32 for exactness.
+    run = tmp_path / "runs" / "rt"
+    code, out, err = run_cli(
+        capsys, "train", "--model", tiny_model_path, "--data", train_file, "--method", "rt", "--out", run,
+        "--config", "cpu", "--max-steps", 3, "--save-steps", 1, "--precision", "fp32", "--lr", "1e-3", "--quiet",
+    )
+    assert code == 0, err
+    info = json.loads((run / "rtune_run.json").read_text())
+    assert info["status"] == "complete" and info["method"] == "rt" and info["renderer"]["template"] == "tulu"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "tokenizer").is_dir()
+    assert len(read_jsonl(run / "log.jsonl")) == 3
+
+    # A second train into the same folder without --resume is refused; nothing is overwritten.
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--model", tiny_model_path, "--data", train_file, "--out", run, "--quiet")
+    assert code == 2 and "--resume" in err
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+    # generate from the run folder (its template), then from the merged folder: same answers.
+    heldout = tmp_path / "data" / "train.heldout.jsonl"
+    gens = tmp_path / "gens" / "rt.jsonl"
+    code, out, err = run_cli(capsys, "generate", run, "--prompts", heldout, "--out", gens, "--max-new-tokens", 6)
+    assert code == 0, err
+    rows = read_jsonl(gens)
+    assert [r["id"] for r in rows] == [r["id"] for r in read_jsonl(heldout)]
+    assert all(r["num_tokens"] <= 6 for r in rows)
+
+    merged = tmp_path / "merged"
+    code, _, err = run_cli(capsys, "merge", run, "--out", merged)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(merged)  # plain transformers loads it
+    gens2 = tmp_path / "gens" / "merged.jsonl"
+    code, _, err = run_cli(capsys, "generate", merged, "--prompts", heldout, "--out", gens2, "--max-new-tokens", 6)
+    assert code == 0, err
+    assert [r["output"] for r in read_jsonl(gens2)] == [r["output"] for r in rows]
+
+    # A run folder refuses a conflicting template at inference.
+    code, _, err = run_cli(capsys, "generate", run, "--prompts", heldout, "--out", tmp_path / "x.jsonl", "--template", "model")
+    assert code == 2 and "tulu" in err and not (tmp_path / "x.jsonl").exists()
+
+    # inspect through the run folder uses the run's template.
+    code, out, _ = run_cli(capsys, "data", "inspect", train_file, "--model", run, "--method", "it", "--json")
+    assert code == 0 and json.loads(out)["trained_text"] == record["response"] + "<eos>"
+
+
+def test_bad_data_file_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "data", "prepare", "--source", bad, "--out", out)
+    assert code == 2
+    assert "bad.jsonl:2" in err
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out.jsonl"]
+
+
+def test_inspect_real_tokenizers_exact_masks(tmp_path, capsys, gemma_tokenizer, smollm2_tokenizer):
+    data = tmp_path / "d.jsonl"
+    rec = {"id": "u1", "instruction": "Name a city.", "response": "Tōkyō 東京 🙂", "source": "t"}
+    data.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    for model, tok, template, end in [
+        ("gemma-3-270m", gemma_tokenizer, "tulu", "<eos>"),
+        ("smollm2-135m-instruct", smollm2_tokenizer, "tulu", "<|im_end|>"),
+        ("smollm2-135m-instruct", smollm2_tokenizer, "model", "<|im_end|>"),
+    ]:
+        for method in ("rt", "it", "rt-empty-user"):
+            code, out, err = run_cli(capsys, "data", "inspect", data, "--model", model, "--method", method,
+                                     "--template", template, "--json")
+            assert code == 0, err
+            view = json.loads(out)
+            trained = [t for t, lab in zip(view["input_ids"], view["labels"]) if lab != IGNORE]
+            assert trained == tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(end)]
+            assert view["trained_text"] == rec["response"] + end
+            first = next(i for i, lab in enumerate(view["labels"]) if lab != IGNORE)
+            assert all(lab == IGNORE for lab in view["labels"][:first])
+
+
+def test_console_script_runs(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "rtune", "train", "--model", "nonexistent-model", "--data",
+                             str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("rtune: error:") and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
