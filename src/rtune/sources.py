@@ -107,19 +107,24 @@ def prepare(
     seed: int = 0,
     holdout: int = 0,
     strict: bool = False,
+    max_response_chars: int | None = None,
     **field_flags,
 ) -> dict:
     """Load `source`, subsample it deterministically and write rtune JSONL to `out`.
 
     The records are shuffled with `random.Random(seed)`; the first `holdout` go to
     `<out stem>.heldout.jsonl`, the next `limit` (default: all the rest) to `out`. So the held-out
-    set never overlaps training and does not change when `limit` changes. Both files are written
+    set never overlaps training and does not change when `limit` changes. `max_response_chars`
+    keeps only training responses up to that length (the held-out set is drawn before this filter,
+    so it stays a plain random sample). Both files are written
     atomically, and only after everything was read and checked: on any error nothing is written.
     """
     if limit is not None and (not _is_int(limit) or limit < 1):
         raise RtuneError(f"limit must be a whole number >= 1, got {limit!r}")
     if not _is_int(holdout) or holdout < 0:
         raise RtuneError(f"holdout must be a whole number >= 0, got {holdout!r}")
+    if max_response_chars is not None and (not _is_int(max_response_chars) or max_response_chars < 1):
+        raise RtuneError(f"max_response_chars must be a whole number >= 1, got {max_response_chars!r}")
     if not _is_int(seed):
         raise RtuneError(f"seed must be a whole number, got {seed!r}")
 
@@ -135,6 +140,13 @@ def prepare(
     random.Random(seed).shuffle(order)
     heldout_rows = [records[i] for i in order[:holdout]]
     rest = order[holdout:]
+    too_long = 0
+    if max_response_chars is not None:
+        kept_rest = [i for i in rest if len(records[i]["response"]) <= max_response_chars]
+        too_long = len(rest) - len(kept_rest)
+        if not kept_rest:
+            raise RtuneError(f"{os.fspath(source)}: no training response has at most {max_response_chars} characters")
+        rest = kept_rest
     if limit is not None and limit > len(rest):
         logger.warning("limit %d is more than the %d records left after the held-out set: using all", limit, len(rest))
     train_rows = [records[i] for i in (rest if limit is None else rest[:limit])]
@@ -157,6 +169,7 @@ def prepare(
         "skipped_empty_response": stats["skipped_empty_response"],
         "with_input": stats["with_input"],
         "fields": stats["fields"],
+        "skipped_long_response": too_long,
         "train": len(train_rows),
         "heldout": len(heldout_rows),
         "seed": seed,
