@@ -7,7 +7,7 @@ import types
 import pytest
 import tiny
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 import rtune.generate as gen
 from rtune.errors import RtuneError
@@ -33,17 +33,6 @@ def renderer(tiny_tokenizer):
     return Renderer(tiny_tokenizer, "tulu")
 
 
-def _gpt2(tokenizer):
-    # Learned absolute positions: wrong position ids under left padding change its outputs
-    # (Llama's RoPE is blind to a constant offset, so it only checks the attention mask).
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
-
-
 def _force(model, token_id: int, only_padded_rows: bool = False):
     """Make the model always predict token_id (optionally only for left-padded batch rows)."""
 
@@ -59,7 +48,7 @@ def _force(model, token_id: int, only_padded_rows: bool = False):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_equals_one_at_a_time(arch, llama, tiny_tokenizer, renderer):
-    model = llama if arch == "llama" else _gpt2(tiny_tokenizer)
+    model = llama if arch == "llama" else tiny.tiny_gpt2(tiny_tokenizer)
     prompts = [renderer.render_prompt(x) for x in INSTRUCTIONS]
     assert max(map(len, prompts)) > 5 * min(map(len, prompts))
     config = GenerationConfig(max_new_tokens=12, batch_size=3)

@@ -1,8 +1,9 @@
 """Likelihood scoring: the cached-prefix batches against a plain full-sequence computation."""
 
 import pytest
+import tiny
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from rtune.errors import RtuneError
 from rtune.render import IGNORE, Renderer
@@ -31,16 +32,6 @@ def renderer(tiny_tokenizer):
     return Renderer(tiny_tokenizer, "tulu")
 
 
-def _gpt2(tokenizer):
-    # Learned absolute positions: a continuation placed at the wrong positions changes its scores
-    # (RoPE models are blind to a constant position offset).
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
 def _gemma3(tokenizer):
     # A sliding-window layer with a window shorter than the prompt: the cache keeps only its tail.
     torch.manual_seed(0)
@@ -57,7 +48,7 @@ def _gemma3(tokenizer):
 def model(request, tiny_model_path, tiny_tokenizer):
     if request.param == "llama":
         return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-    return _gpt2(tiny_tokenizer) if request.param == "gpt2" else _gemma3(tiny_tokenizer)
+    return tiny.tiny_gpt2(tiny_tokenizer) if request.param == "gpt2" else _gemma3(tiny_tokenizer)
 
 
 def plain_score(model, renderer, instruction, response, include_eos=True) -> tuple[float, int]:

@@ -72,3 +72,18 @@ def tiny_model_dir(path: Path, seed: int = 0, tokenizer=None) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_gpt2(tokenizer):
+    """A 2-layer GPT-2 with random weights. Its positions are learned and absolute, so wrong
+    position ids (left padding, a continuation after a cached prefix) change its outputs; RoPE
+    models are blind to a constant position offset."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
