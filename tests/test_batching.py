@@ -2,7 +2,7 @@
 
 import torch
 
-from rtune.batching import IGNORE, collate_padded, plan_batches, trained_tokens
+from rtune.batching import IGNORE, collate_packed, collate_padded, plan_batches, trained_tokens
 from rtune.render import RenderedSequence
 from rtune.train import lr_at, my_micro_batches, plan_steps
 from rtune.config import TrainConfig
@@ -71,6 +71,24 @@ def test_collate_pads_right_and_masks_padding():
     assert b["labels"].tolist() == [[IGNORE, IGNORE, 6, 2], [IGNORE, 7, 2, IGNORE], [IGNORE, 2, IGNORE, IGNORE]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
     assert all(t.dtype == torch.long for t in b.values())
+
+
+def test_collate_packed_is_one_row_with_restarting_positions():
+    seqs = [
+        RenderedSequence([1, 5, 6, 2], [IGNORE, IGNORE, 6, 2]),
+        {"input_ids": [7, 2], "labels": [7, 2]},  # trained at position 0: never predicted across the boundary
+        RenderedSequence([1, 8, 2], [IGNORE, 8, 2]),
+    ]
+    b = collate_packed(seqs)
+    assert set(b) == {"input_ids", "labels", "position_ids", "cu_seq_lens"}  # no attention mask
+    assert b["input_ids"].tolist() == [[1, 5, 6, 2, 7, 2, 1, 8, 2]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    assert b["labels"].tolist() == [[IGNORE, IGNORE, 6, 2, IGNORE, 2, IGNORE, 8, 2]]
+    assert b["cu_seq_lens"].tolist() == [0, 4, 6, 9]
+    # the same tokens are trained as in a padded batch
+    padded = collate_padded(seqs, pad_id=0)
+    assert int((b["labels"][:, 1:] != IGNORE).sum()) == int((padded["labels"][:, 1:] != IGNORE).sum())
+    assert all(b[k].dtype == torch.long for k in ("input_ids", "labels", "position_ids"))
 
 
 def test_trained_tokens_ignores_position_zero():

@@ -1,11 +1,14 @@
 """Sequences -> micro-batches.
 
-Two steps, kept apart so padding-free packing can be added later as another collate function:
+Two steps, kept apart:
 
     plan_batches   which sequences go together, in which order: a pure function of
                    (lengths, batch_size, seed, epoch), so a resumed run replays the same order
                    and every process of a distributed run computes the same plan.
-    collate_*      how one planned batch becomes tensors.
+    collate_*      how one planned batch becomes tensors: `collate_padded` (one row per sequence,
+                   right-padded to the longest) or `collate_packed` (all sequences of the batch
+                   in one row, no padding). Both train exactly the same tokens, so packing is a
+                   speed choice that leaves the optimiser steps (and resume) unchanged.
 
 Labels follow the Hugging Face convention: labels[t] is the target of position t and is compared
 with the logits of position t-1 (the shift happens in the loss). -100 means "not trained".
@@ -69,6 +72,103 @@ def collate_padded(seqs, pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(labs, dtype=torch.long)
         attention_mask[i, :n] = 1
     # Positions count from 0 in every row (padding continues the count; it is masked anyway).
-    # Packing would restart them at each packed sequence instead.
     position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(rows), -1).clone()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
+
+
+def collate_packed(seqs) -> dict[str, torch.Tensor]:
+    """Concatenate a batch of sequences into ONE row with no padding ("padding-free packing").
+
+    position_ids restart at 0 for each sequence, which is how the model tells the sequences apart:
+    transformers turns such position ids into a block-diagonal causal mask (sdpa, eager) or into
+    variable-length attention (flash attention), so no token attends across a boundary and
+    rotary positions are those of the sequence alone. There is no attention_mask on purpose (with
+    one, transformers would not look for packed sequences).
+
+    The first token of each sequence gets label -100: the last token of the previous sequence must
+    not be trained to predict it (an unpacked batch never predicts position 0 either).
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for i, s in enumerate(seqs):
+        ids, labs = (s["input_ids"], s["labels"]) if isinstance(s, dict) else (s.input_ids, s.labels)
+        if len(ids) != len(labs):
+            raise ValueError(f"sequence {i}: {len(ids)} input ids but {len(labs)} labels")
+        if not ids:
+            raise ValueError(f"sequence {i} is empty")
+        input_ids.extend(ids)
+        labels.extend([IGNORE] + list(labs[1:]))
+        position_ids.extend(range(len(ids)))
+
+    def row(values):
+        return torch.tensor([values], dtype=torch.long)
+
+    starts = [0]
+    for s in seqs:
+        starts.append(starts[-1] + len(s["input_ids"] if isinstance(s, dict) else s.input_ids))
+    return {
+        "input_ids": row(input_ids),
+        "labels": row(labels),
+        "position_ids": row(position_ids),
+        # Sequence boundaries [0, n1, n1+n2, ...] for variable-length attention (see packed_attention_kwargs).
+        "cu_seq_lens": torch.tensor(starts, dtype=torch.int32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over packed rows
+
+
+def packed_attention_kwargs(batch: dict) -> dict:
+    """The keyword arguments that tell attention where the sequences of a packed row begin and end.
+
+    transformers hands them down to the attention function: flash attention runs variable-length
+    attention with them, `varlen_sdpa_attention` (CPU) loops over the sequences, and sdpa/eager
+    ignore them (they use the block-diagonal mask built from the position ids instead).
+    """
+    cu = batch.get("cu_seq_lens")
+    if cu is None:
+        return {}
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+VARLEN_SDPA = "rtune_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, sliding_window=None, cu_seq_lens_q=None,
+                          **kwargs):
+    """sdpa one sequence at a time over a packed row: attention costs sum(n_i^2), not (sum n_i)^2.
+
+    A block-diagonal mask over the whole row makes CPU attention compute every block, masked or
+    not; slicing each sequence out and running causal sdpa on it does only the useful part. Any
+    other input (a padded batch, generation) goes to plain sdpa with its mask.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.size(0) != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
+                                      **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        mask = None  # plain causal attention within the sequence
+        if sliding_window is not None and end - start > sliding_window:
+            i = torch.arange(end - start, device=query.device)
+            distance = i[:, None] - i[None, :]  # query position - key position
+            mask = ((distance >= 0) & (distance < sliding_window))[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                        value[:, :, start:end], mask, is_causal=mask is None, **kwargs)
+        outputs.append(out)  # [1, n_i, heads, head_dim]
+    return torch.cat(outputs, dim=1), None
+
+
+def register_varlen_sdpa() -> str:
+    """Make VARLEN_SDPA a transformers attention implementation (with sdpa's masks for other inputs)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    return VARLEN_SDPA

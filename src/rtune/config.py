@@ -33,6 +33,8 @@ PEFT = ("lora", "qlora", "none")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "paged_adamw_32bit")
+LOSS_IMPLS = ("chunked", "full")
+PACKED_ATTENTION = ("varlen", "mask")
 
 
 @dataclass
@@ -64,6 +66,13 @@ class TrainConfig:
     # Hardware
     precision: str = "auto"  # auto: bf16 where the hardware has it natively (CUDA bf16, AMX/AVX512-BF16 CPUs), else fp32
     gradient_checkpointing: bool = False
+
+    # Speed (none of these changes what is trained: same tokens, same loss up to float rounding)
+    packing: bool = False  # each micro-batch as one padding-free row, sequences kept apart by their position ids
+    packed_attention: str = "varlen"  # varlen: sequence by sequence (flash-attn on GPU) | mask: block-diagonal mask
+    loss_impl: str = "chunked"  # chunked: output layer on trained positions only, in chunks | full: all logits
+    loss_chunk: int = 0  # positions per output-layer chunk (chunked loss); 0 = auto (~256 MiB of fp32 logits)
+    compile: bool = False  # torch.compile the decoder body
 
     # Bookkeeping
     log_steps: int = 10  # log every N optimiser steps
@@ -126,6 +135,9 @@ _CHECKS = {
     "lr_scheduler": _choice(SCHEDULERS),
     "precision": _choice(PRECISIONS),
     "optimizer": _choice(OPTIMIZERS),
+    "loss_impl": _choice(LOSS_IMPLS),
+    "packed_attention": _choice(PACKED_ATTENTION),
+    "loss_chunk": lambda v: None if v >= 0 else "must be >= 0 (0 = auto)",
     "lora_r": lambda v: None if v >= 1 else "must be >= 1",
     "lora_alpha": lambda v: None if v > 0 else "must be > 0",
     "lora_dropout": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
