@@ -63,10 +63,18 @@ VARIANTS = {
     "rtune-padded": {"packing": False, "group_by_length": False},  # random batches padded to the longest
     "rtune-grouped": {"packing": False, "group_by_length": True},  # length-grouped padded batches
     "rtune-packed": {"packing": True, "group_by_length": False},  # one padding-free row per micro-batch
+    "rtune-packed-mask": {"packing": True, "group_by_length": False, "packed_attention": "mask"},  # block-diagonal
+    "rtune-grouped-packed": {"packing": True, "group_by_length": True},  # rtune-grouped's batches, packed
     "rtune-compile": {"compile": True},
     "rtune-gc": {"gradient_checkpointing": True},
     "rtune-full-loss": {"loss_impl": "full"},  # logits of every position, one cross-entropy
+    "rtune-2x4": {"batch_size": 2, "grad_accum": 4},  # the cpu preset's micro-batches, length-grouped
+    "rtune-2x4-packed": {"batch_size": 2, "grad_accum": 4, "packing": True, "group_by_length": False},
+    "rtune-4x2-packed": {"batch_size": 4, "grad_accum": 2, "packing": True, "group_by_length": False},
     "rtune-8x512": {},
+    "rtune-gc-8x512": {"gradient_checkpointing": True},
+    "rtune-packed-8x512": {"packing": True, "group_by_length": False},
+    "rtune-gc-packed-8x512": {"gradient_checkpointing": True, "packing": True, "group_by_length": False},
     "trl-8x512": None,
 }
 DEFAULT_VARIANTS = "trl,rtune,rtune-8x512"
@@ -141,9 +149,9 @@ def run_rtune(name: str, a, work: Path) -> dict:
     is_long = name.endswith("-8x512")
     steps = a.long_steps if is_long else a.steps
     config = load_config("cpu", {
-        **VARIANTS[name],
         "method": "rt", "batch_size": 8, "grad_accum": 1, "max_length": 512, "lr": a.lr, "seed": 0,
         "epochs": 100, "max_steps": a.warmup + steps, "save_steps": 0, "log_steps": 1,
+        **VARIANTS[name],  # a variant may change the micro-batch (same 8 sequences per step)
     })
     marks = []  # (perf_counter, trained tokens so far, step loss) after each optimiser step
 
@@ -155,8 +163,8 @@ def run_rtune(name: str, a, work: Path) -> dict:
     peak = peak_rss_gb()
     (t0, tok0, _), (t1, tok1, last_loss) = marks[a.warmup - 1], marks[-1]
     out = {"tokens": tok1 - tok0, "seconds": t1 - t0, "peak_rss_gb": peak, "train_loss": last_loss,
-           "config": {k: getattr(config, k) for k in ("packing", "group_by_length", "loss_impl", "compile",
-                                                       "gradient_checkpointing", "precision")}}
+           "config": {k: getattr(config, k) for k in ("batch_size", "grad_accum", "packing", "group_by_length",
+                                                       "loss_impl", "compile", "gradient_checkpointing", "precision")}}
     if not is_long and not a.no_eval:
         model, *_ = load_run(run_dir)
         seqs = rendered(data, 512)[: a.eval_records]

@@ -345,3 +345,53 @@ def test_library_versions():
     assert set(versions) >= {"torch", "transformers", "peft", "accelerate", "datasets", "rtune"}
     assert versions["transformers"] == "5.23.0"
     assert versions["rtune"] == __import__("rtune").__version__
+
+
+def remote_code_model_dir(tmp_path):
+    """A tiny Llama whose config names its own Python classes (auto_map), as hub models with remote code do."""
+    import json as _json
+
+    from tiny import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path / "remote")
+    (folder / "configuration_remote.py").write_text(
+        "from transformers import LlamaConfig\n\n"
+        "class RemoteConfig(LlamaConfig):\n    model_type = 'rtune-remote-llama'\n")
+    (folder / "modeling_remote.py").write_text(
+        "from transformers import LlamaForCausalLM\n"
+        "from .configuration_remote import RemoteConfig\n\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n    RAN_REMOTE_CODE = True\n")
+    config = _json.loads((folder / "config.json").read_text())
+    config.update(model_type="rtune-remote-llama", architectures=["RemoteForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (folder / "config.json").write_text(_json.dumps(config))
+    return folder
+
+
+def test_remote_code_runs_only_when_asked(tmp_path, monkeypatch):
+    from rtune.models import load_model
+
+    folder = remote_code_model_dir(tmp_path)
+    monkeypatch.setenv("RTUNE_TRUST_REMOTE_CODE", "0")  # restored after the test
+    with pytest.raises(RtuneError, match="trust-remote-code"):
+        load_model(str(folder))
+    assert getattr(load_model(str(folder), trust_remote_code=True), "RAN_REMOTE_CODE", False)
+    monkeypatch.setenv("RTUNE_TRUST_REMOTE_CODE", "1")  # what `rtune --trust-remote-code` sets
+    assert getattr(load_model(str(folder)), "RAN_REMOTE_CODE", False)
+
+
+def test_cli_trust_remote_code_flag(tmp_path, monkeypatch, capsys):
+    from rtune.cli import main
+
+    folder = remote_code_model_dir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "instruction": "hi", "response": "hello there."}) + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--config", "cpu",
+            "--max-steps", "1", "--batch-size", "1", "--precision", "fp32", "--quiet"]
+    monkeypatch.setenv("RTUNE_TRUST_REMOTE_CODE", "0")  # restored after the test
+    assert main(args) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err and not (out / "rtune_run.json").exists()
+    assert main(["--trust-remote-code", *args]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

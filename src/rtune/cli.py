@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from rtune.errors import RtuneError
@@ -79,7 +80,9 @@ def load_renderer(model: str, template: str | None):
         from transformers import AutoTokenizer
 
         info = json.loads((Path(model) / "rtune_run.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(Path(model) / "tokenizer")
+        from rtune.models import remote_code_allowed
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(model) / "tokenizer", trust_remote_code=remote_code_allowed())
         if template and template != info["renderer"]["template"]:
             raise RtuneError(f"{model} was trained with --template {info['renderer']['template']}, not {template}")
         return Renderer.from_dict(info["renderer"], tokenizer)
@@ -120,7 +123,8 @@ def cmd_train(a) -> None:
         overrides["merge"] = True
     config = load_config(a.config, overrides)
     result = train(a.model, a.data, a.out, config, resume=a.resume, progress=not a.quiet)
-    print(json.dumps(result, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
+        print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_merge(a) -> None:
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Response Tuning: align a base language model by training on responses alone.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let models run their own Python code from the hub or their folder (off by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare and inspect training data")
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.trust_remote_code:  # read by every model and tokenizer load (rtune.models.remote_code_allowed)
+        os.environ["RTUNE_TRUST_REMOTE_CODE"] = "1"
     try:
         args.func(args)
     except RtuneError as e:

@@ -17,6 +17,7 @@ import torch
 from rtune.checkpoint import atomic_dir
 from rtune.errors import RtuneError
 from rtune.io import write_json_atomic
+from rtune.models import remote_code_allowed
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -27,7 +28,7 @@ def _base_dtype(spec: str) -> torch.dtype:
     from transformers import AutoConfig
 
     try:
-        dtype = getattr(AutoConfig.from_pretrained(spec), "dtype", None)
+        dtype = getattr(AutoConfig.from_pretrained(spec, trust_remote_code=remote_code_allowed()), "dtype", None)
     except Exception:  # a .gguf or built-in spec: fall back to full precision
         return torch.float32
     if isinstance(dtype, str):
@@ -67,7 +68,7 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: tor
     with quiet_peft():
         model = PeftModel.from_pretrained(model, run_dir / "adapter")
     model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=remote_code_allowed())
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -80,6 +80,11 @@ def _as_ref(spec_or_ref: "str | os.PathLike | ModelRef") -> ModelRef:
 
 def _load_error(ref: ModelRef, what: str, error: Exception) -> RtuneError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "trust_remote_code" in str(error):
+        return RtuneError(
+            f"{ref.spec} comes with its own Python code, which rtune runs only if you ask: add "
+            f"--trust-remote-code (CLI) or trust_remote_code=True (API) if you trust its source"
+        )
     if ref.kind == "hub":
         return RtuneError(
             f"could not load the {what} of hub model {ref.path!r}: the Hugging Face hub could not "
@@ -88,6 +93,12 @@ def _load_error(ref: ModelRef, what: str, error: Exception) -> RtuneError:
         )
     where = f"{ref.path}/{ref.gguf_file}" if ref.gguf_file else ref.path
     return RtuneError(f"could not load the {what} from {where}: {first_line}")
+
+
+def remote_code_allowed(asked: bool = False) -> bool:
+    """Whether a model's own Python code may run: asked in the call, or RTUNE_TRUST_REMOTE_CODE=1
+    (which `rtune --trust-remote-code` sets, so every load of the command, run folders included, agrees)."""
+    return asked or os.environ.get("RTUNE_TRUST_REMOTE_CODE", "") == "1"
 
 
 def load_tokenizer(spec_or_ref: "str | os.PathLike | ModelRef", *, trust_remote_code: bool = False):
@@ -105,7 +116,7 @@ def load_tokenizer(spec_or_ref: "str | os.PathLike | ModelRef", *, trust_remote_
     else:
         ref = _as_ref(spec_or_ref)
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs = {"trust_remote_code": remote_code_allowed(trust_remote_code)}
     if ref.gguf_file:
         kwargs["gguf_file"] = ref.gguf_file
     try:
@@ -161,6 +172,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    trust_remote_code = remote_code_allowed(trust_remote_code)
     kwargs = {"dtype": _as_dtype(dtype), "trust_remote_code": trust_remote_code}
     if quantization is not None:
         if quantization != "nf4":

@@ -1,7 +1,9 @@
 """The training recipe: records -> rendered sequences -> (Q)LoRA or full fine-tuning -> a run folder.
 
 One readable loop on top of `accelerate.Accelerator`: `python -m rtune train ...` trains on one
-device, `accelerate launch -m rtune train ...` trains data-parallel (DDP) with no code change.
+device, `accelerate launch -m rtune train ...` trains data-parallel (DDP) with no code change, or
+fully sharded with FSDP2 given an accelerate config with `fsdp_version: 2`
+(configs/accelerate/fsdp2.yaml). DeepSpeed is refused (see check_distributed).
 
 The loss of an optimiser step is exactly the mean token cross-entropy over every trained token of
 the step: each micro-batch contributes the SUM of its token losses divided by the number of
@@ -159,6 +161,8 @@ class LossModel(torch.nn.Module):
     def __init__(self, model, config: TrainConfig, device: torch.device):
         super().__init__()
         self.model = model
+        # FSDP wraps each decoder layer on its own: it finds their classes here (accelerate's default).
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.impl, self.chunk = config.loss_impl, config.loss_chunk
         self.device_type, self.bf16 = device.type, config.precision == "bf16"
 
@@ -226,6 +230,65 @@ def check_hardware(config: TrainConfig, device: torch.device) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise RtuneError(f"{' and '.join(needs)} need bitsandbytes: pip install 'rtune[gpu]'") from None
+
+
+def check_distributed(accelerator, config: TrainConfig) -> bool:
+    """Refuse the distributed setups whose loss or checkpoints are not verified; True for FSDP2.
+
+    Tested: one device, DDP, FSDP2 (tests/test_train.py runs 2 CPU processes of each against one
+    process). FSDP1 clips gradients correctly only when every parameter is trained (not LoRA) and
+    keeps flat parameters our checkpoints do not read; DeepSpeed owns gradient accumulation, loss
+    scaling and clipping itself, which would bypass rtune's exact token-mean loss over the step.
+    """
+    from accelerate import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return False
+    if kind == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise RtuneError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config "
+                             "(configs/accelerate/fsdp2.yaml is a ready one)")
+        if config.peft == "qlora":
+            raise RtuneError("--peft qlora with FSDP is not supported (untested); use DDP for QLoRA")
+        return True
+    if kind == DistributedType.DEEPSPEED:
+        raise RtuneError("DeepSpeed is not supported: it takes over gradient accumulation, loss scaling and "
+                         "clipping, which would change rtune's loss (the mean over every trained token of the "
+                         "step); shard with FSDP2 instead (configs/accelerate/fsdp2.yaml)")
+    raise RtuneError(f"accelerate distributed type {kind.value} is not supported; use DDP or FSDP2")
+
+
+def gather_state(loss_model, optimizer, params: dict, sharded: bool, with_optimizer: bool = True):
+    """(trainable weights, optimiser state), whole and on the CPU, named as in `params`.
+
+    Unsharded runs hold them already. Under FSDP every process holds a shard: this is then a
+    collective (every process must call it) and only the main process receives the result.
+    """
+    if not sharded:
+        return params, (optimizer.state_dict() if with_optimizer else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(loss_model, options=options)
+    weights = {k.removeprefix("model."): v for k, v in weights.items() if k.removeprefix("model.") in params}
+    state = get_optimizer_state_dict(loss_model, optimizer.optimizer, options=options) if with_optimizer else None
+    return weights, state
+
+
+def restore_state(loss_model, optimizer, params: dict, weights: dict, optimizer_state: dict, sharded: bool) -> None:
+    """Load a checkpoint's whole trainable weights and optimiser state into the (possibly sharded) model."""
+    if not sharded:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in a checkpoint
+    set_model_state_dict(loss_model, {f"model.{k}": v for k, v in weights.items()}, options=options)
+    set_optimizer_state_dict(loss_model, optimizer.optimizer, optimizer_state, options=options)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
@@ -334,16 +397,17 @@ def compile_body(model) -> None:
     target.compile(dynamic=True)
 
 
-def build_model(model_spec: str, config: TrainConfig, device: torch.device):
+def build_model(model_spec: str, config: TrainConfig, device: torch.device, sharded: bool = False):
     """(the model to train, its attention implementation): base model, adapters, speed settings.
 
-    config.precision must be resolved (not "auto").
+    config.precision must be resolved (not "auto"). sharded: FSDP will wrap the model (it keeps
+    the base weights in one dtype, so they are not stored in bf16).
     """
     seed_everything(config.seed)
     base = load_base_model(model_spec, config, device)
     attention = choose_attention(base, config, device)
     model = apply_peft(base, config)
-    if config.peft == "lora" and config.precision == "bf16":
+    if config.peft == "lora" and config.precision == "bf16" and not sharded:
         frozen_linears_to_bf16(model)
     if config.peft != "none" and device.type == "cpu" and not config.compile:
         use_numpy_dropout(model)  # (compiled code draws its own masks, fused)
@@ -450,7 +514,7 @@ def train(
     it raises stops training, which tests use to simulate an interruption.
     Returns the final rtune_run.json contents.
     """
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
 
     from rtune.models import library_versions, load_tokenizer
     from rtune.render import Renderer
@@ -460,21 +524,16 @@ def train(
     # bf16 is our own autocast around the forward pass (fp32 master weights, loss in fp32), the
     # same thing accelerate's mixed_precision="bf16" does, but decided by the config alone (not by
     # `accelerate launch` flags) and not frozen in accelerate's process-wide state.
-    accelerator = Accelerator(mixed_precision="no")
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        raise RtuneError(
-            f"{accelerator.distributed_type.value} is not supported yet (loss normalisation and checkpoints are "
-            "tested for single-device and DDP runs); use a plain multi-GPU accelerate config"
-        )
-    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    # Processes started by `accelerate launch --multi_gpu` or an FSDP config on a machine without a
+    # GPU run on the CPU (gloo): accelerate's own --cpu flag starts a single process.
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision="no", cpu=launched > 1 and not torch.cuda.is_available())
+    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if launched != world_size:  # otherwise each process would train alone, all into the same folder
-        raise RtuneError(
-            f"{launched} processes were launched but accelerate sees {world_size}; on CPUs launch with "
-            "`accelerate launch --cpu` (or set ACCELERATE_USE_CPU=1)"
-        )
+        raise RtuneError(f"{launched} processes were launched but accelerate sees {world_size}")
     main = accelerator.is_main_process
     config = load_config(None, config.to_dict())  # re-validate (callers may have edited fields)
+    sharded = check_distributed(accelerator, config)
     config.precision = resolve_precision(config.precision, device)
     check_hardware(config, device)
     if config.peft == "none" and config.merge:
@@ -558,18 +617,9 @@ def train(
             log.warning("library versions differ from the interrupted run's (%s -> %s): the result may differ "
                         "slightly from an uninterrupted run", saved.get("versions"), info["versions"])
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_staging(run_dir)
-        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
-        if not (run_dir / "tokenizer").is_dir():
-            with atomic_dir(run_dir / "tokenizer") as tmp:
-                tokenizer.save_pretrained(tmp)
-        write_json_atomic(run_dir / RUN_INFO, info)  # last: its presence means the header is complete
-    accelerator.wait_for_everyone()
-
     # -- model -------------------------------------------------------------------------------------
-    model, info["training"]["attention"] = build_model(model_spec, config, device)
+    model, info["training"]["attention"] = build_model(model_spec, config, device, sharded)
+    info["training"]["distributed"] = accelerator.distributed_type.value.lower() + ("2" if sharded else "")
     params = trainable_parameters(model)
     n_params = sum(p.numel() for p in model.parameters())
     info["training"]["trainable_params"] = sum(p.numel() for p in params.values())
@@ -579,6 +629,17 @@ def train(
     loss_model, optimizer = accelerator.prepare(LossModel(model, config, device), optimizer)
     unwrapped = accelerator.unwrap_model(loss_model).model
     params = trainable_parameters(unwrapped)
+
+    # The run folder is written only now: a model that fails to load leaves nothing behind.
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_staging(run_dir)
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+        if not (run_dir / "tokenizer").is_dir():
+            with atomic_dir(run_dir / "tokenizer") as tmp:
+                tokenizer.save_pretrained(tmp)
+        write_json_atomic(run_dir / RUN_INFO, info)  # last: its presence means the header is complete
+    accelerator.wait_for_everyone()
 
     def collate(batch_seqs):
         return collate_packed(batch_seqs) if config.packing else collate_padded(batch_seqs, pad_id)
@@ -595,10 +656,7 @@ def train(
         if missing or unexpected:
             raise RtuneError(f"{ckpt_path}: parameters do not match the model (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
-        with torch.no_grad():
-            for name, tensor in ckpt["trainable"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_state(loss_model, optimizer, params, ckpt["trainable"], ckpt["optimizer"], sharded)
         restore_rng_state(ckpt["rng"])
         global_step, tokens_seen = ckpt["state"]["step"], ckpt["state"]["tokens_seen"]
         del ckpt
@@ -683,7 +741,7 @@ def train(
 
                 if config.save_steps and global_step % config.save_steps == 0 and global_step < total_steps:
                     _save_checkpoint(
-                        accelerator, run_dir, global_step, params, optimizer, config,
+                        accelerator, run_dir, global_step, gather_state(loss_model, optimizer, params, sharded), config,
                         {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "tokens_seen": tokens_seen,
                          "loss": last_loss, "world_size": world_size, "time": _now()},
                     )
@@ -698,13 +756,23 @@ def train(
 
     # -- final artefacts -----------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    final_weights = None
+    if sharded:  # gather the whole weights (a collective), to save them from the main process
+        if config.peft == "none":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(loss_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            final_weights = {k.removeprefix("model."): v for k, v in full.items()}
+        else:
+            final_weights, _ = gather_state(loss_model, optimizer, params, sharded, with_optimizer=False)
     if main:
         target = run_dir / info["weights"]
         if target.exists():  # written by an earlier attempt that died before rtune_run.json
             remove_tree(target)
         with atomic_dir(target) as tmp:
             # LoRA: peft writes adapter_config.json + adapter_model.safetensors; full: a model folder.
-            unwrapped.save_pretrained(tmp)
+            # Under FSDP the parameters are shards: save the gathered weights instead.
+            unwrapped.save_pretrained(tmp, **({"state_dict": final_weights} if sharded else {}))
         info.update(
             status="complete",
             end_time=_now(),
@@ -730,16 +798,20 @@ def train(
     return info
 
 
-def _save_checkpoint(accelerator, run_dir: Path, step: int, params: dict, optimizer, config: TrainConfig, state: dict):
-    """Main process stages the folder, every process adds its RNG state, main publishes it."""
+def _save_checkpoint(accelerator, run_dir: Path, step: int, weights_and_optimizer: tuple, config: TrainConfig,
+                     state: dict):
+    """Main process stages the folder, every process adds its RNG state, main publishes it.
+
+    weights_and_optimizer: gather_state()'s result (whole tensors, on the main process)."""
+    weights, optimizer_state = weights_and_optimizer
     tmp = begin_checkpoint(run_dir, step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     write_rank_state(staging_dir(run_dir, step), accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish_checkpoint(
-            run_dir, tmp, step=step, trainable={n: p for n, p in params.items()},
-            optimizer_state=optimizer.state_dict(), state=state, keep=config.save_total_limit,
+            run_dir, tmp, step=step, trainable=dict(weights), optimizer_state=optimizer_state, state=state,
+            keep=config.save_total_limit,
         )
     accelerator.wait_for_everyone()
 
@@ -755,21 +827,22 @@ def load_run(run_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rtune.models import remote_code_allowed
     from rtune.render import Renderer
 
     run_dir = Path(run_dir)
     if (run_dir / TEMPLATE_INFO).is_file():  # a merged folder (merge.py)
         info = json.loads((run_dir / TEMPLATE_INFO).read_text(encoding="utf-8"))
-        tokenizer = AutoTokenizer.from_pretrained(run_dir)
-        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(run_dir, trust_remote_code=remote_code_allowed())
+        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype, trust_remote_code=remote_code_allowed())
     else:
         info = read_run_info(run_dir)
         if info.get("status") != "complete":
             raise RtuneError(f"{run_dir}: training has not finished (status {info.get('status')!r}); "
                              "resume it with --resume")
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=remote_code_allowed())
         if info["weights"] == "model":
-            model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype, trust_remote_code=remote_code_allowed())
         else:
             from peft import PeftModel
 
