@@ -2,7 +2,9 @@
 
     python benchmarks/train_throughput.py --steps 6        # the comparison (a few minutes on a 2-core CPU)
     python benchmarks/train_throughput.py --quick          # smoke run
-    python benchmarks/train_throughput.py --variants rtune-padded,rtune-grouped,rtune-packed,rtune-compile
+    python benchmarks/train_throughput.py --steps 12 --warmup 2 --no-eval \
+        --variants rtune-grouped,rtune-grouped-packed,rtune-packed,rtune-packed-mask,rtune-padded
+    python benchmarks/train_throughput.py --no-eval --variants rtune-8x512,rtune-gc-8x512   # memory
 
 Same model (the offline Gemma 3 270M base), same 200 responses (alpaca-demo, as `rtune demo`), same
 LoRA (r 64, alpha 16, dropout 0.1, all linear layers), optimiser (AdamW, constant lr, max grad norm

@@ -95,10 +95,11 @@ PRESETS: dict[str, dict] = {
         "gradient_checkpointing": True,
         "precision": "bf16",
     },
-    # A laptop: ~170 trained tokens/s for Gemma 3 270M on 2 AMX cores with bf16 autocast (~105 in
-    # fp32). Effective batch 8 gives ~125 optimiser steps per epoch on LIMA instead of 16. CPU
-    # throughput hardly depends on the micro-batch, so 2 x 4 accumulation (exactly the loss of one
-    # batch of 8, see train.py) keeps peak memory at ~7 GB instead of ~12 GB (4 x 512 tokens).
+    # A laptop: 200-250 trained tokens/s for Gemma 3 270M with LoRA on 2 AMX cores (bf16 autocast,
+    # chunked loss; benchmarks/train_throughput.py). Effective batch 8 gives ~125 optimiser steps
+    # per epoch on LIMA instead of 16. CPU throughput hardly depends on the micro-batch, so 2 x 4
+    # accumulation (exactly the loss of one batch of 8, see train.py) keeps peak memory near 5 GB.
+    # Length-grouped padded batches ran as fast as packing here and use less memory.
     "cpu": {
         "peft": "lora",
         "optimizer": "adamw",

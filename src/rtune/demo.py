@@ -56,29 +56,67 @@ def repeats_instruction(instruction: str, output: str) -> bool:
     return len(out_words) > 0 and sum(w in inst_words for w in out_words) / len(out_words) > 0.8
 
 
+# How instructions in Alpaca-style data open; an answer rarely does.
+INSTRUCTION_OPENERS = (
+    "give", "write", "generate", "create", "describe", "explain", "identify", "name", "list", "suggest",
+    "find", "construct", "compose", "change", "classify", "rewrite", "make", "provide", "summarize",
+    "summarise", "edit", "convert", "design", "translate", "analyze", "analyse", "compare", "develop",
+    "evaluate", "predict", "calculate", "come up with", "tell me", "determine", "outline", "select",
+    "choose", "categorize", "brainstorm", "formulate", "paraphrase", "complete", "imagine", "from the given",
+)
+
+
+def writes_instruction(output: str) -> bool:
+    """True when the output is itself an instruction or a question, like the prompts, not an answer.
+
+    Small RT models often continue the prompt's genre: "Describe the key responsibilities of a
+    software engineer." -> "What are the main duties of a software engineer?". Judged on the
+    first non-empty line: it ends with "?", opens with a common instruction verb (Alpaca's), or
+    the output opens a new chat turn ("<|user|>"). A heuristic: an answer that happens to start
+    with "Write ..." counts as an instruction too.
+    """
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    if not lines:
+        return False
+    first = lines[0].lower()
+    if "<|user|>" in output or first.endswith("?"):
+        return True
+    words = re.sub(r"[^\w\s]", " ", first).split()
+    return any(words[: len(o.split())] == o.split() for o in INSTRUCTION_OPENERS)
+
+
+def is_answer(instruction: str, row: dict) -> bool:
+    """Ends with EOS, is not empty, does not repeat the instruction and is not itself an instruction."""
+    output = row["output"]
+    return (row["finished"] and bool(output.strip()) and not repeats_instruction(instruction, output)
+            and not writes_instruction(output))
+
+
 def summarise(rows: list[dict]) -> dict:
     n = len(rows)
-    finished = sum(r["finished"] for r in rows)
-    repeats = sum(repeats_instruction(r["instruction"], r["output"]) for r in rows)
-    answered = sum(r["finished"] and bool(r["output"].strip()) and not repeats_instruction(r["instruction"], r["output"]) for r in rows)
     return {
         "prompts": n,
-        "ends_with_eos": finished / n,
-        "repeats_instruction": repeats / n,
-        "answered": answered / n,
+        "ends_with_eos": sum(r["finished"] for r in rows) / n,
+        "repeats_instruction": sum(repeats_instruction(r["instruction"], r["output"]) for r in rows) / n,
+        "writes_instruction": sum(writes_instruction(r["output"]) for r in rows) / n,
+        "answered": sum(is_answer(r["instruction"], r) for r in rows) / n,
         "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
     }
 
 
 def table(summary: dict) -> str:
     lines = [
-        "| model | ends with EOS | repeats the instruction | answered (EOS, not a repeat) | mean tokens |",
-        "|---|---|---|---|---|",
+        "| model | ends with EOS | repeats the instruction | writes an instruction | answered | mean tokens |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         lines.append(
-            f"| {name} | {s['ends_with_eos']:.0%} | {s['repeats_instruction']:.0%} | {s['answered']:.0%} | {s['mean_tokens']:.0f} |"
+            f"| {name} | {s['ends_with_eos']:.0%} | {s['repeats_instruction']:.0%} | {s['writes_instruction']:.0%} "
+            f"| {s['answered']:.0%} | {s['mean_tokens']:.0f} |"
         )
+    lines.append("")
+    lines.append("answered: ends with EOS, neither repeats the instruction nor writes one (judge-free heuristics; "
+                 "read side_by_side.jsonl)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,65 @@
+"""`rtune demo`: its judge-free answer heuristics, and the whole path on a tiny model and a local file."""
+
+import json
+
+import pytest
+
+from rtune.demo import DemoConfig, repeats_instruction, run_demo, summarise, writes_instruction
+
+
+@pytest.mark.parametrize("instruction,output,repeat", [
+    ("Describe the key responsibilities of a software engineer.",
+     "Describe the key responsibilities of a software engineer.\nDescribe the key", True),
+    ("List the benefits of quantum computing", "benefits of quantum computing list", True),
+    ("List the benefits of quantum computing", "Quantum computers solve some problems much faster.", False),
+    ("Name a colour.", "", False),
+])
+def test_repeats_instruction(instruction, output, repeat):
+    assert repeats_instruction(instruction, output) is repeat
+
+
+@pytest.mark.parametrize("output,instruction_like", [
+    ("What are the main duties and responsibilities of a software engineer?", True),
+    ("Create a function that takes a list of strings and sorts it.", True),
+    ("Come up with three names for a cat.", True),
+    ("Compose a table with three columns.\n<|user|>", True),
+    ("\n\nWrite a haiku about rain.", True),
+    ("1. Apple\n2. Orange\n3. Banana", False),
+    ("Quantum computing is faster than classical computing for some problems.", False),
+    ("Listening is the key skill of a manager.", False),  # "listening" is not the verb "list"
+    ("", False),
+])
+def test_writes_instruction(output, instruction_like):
+    assert writes_instruction(output) is instruction_like
+
+
+def test_summarise_counts_answers_only_when_finished_and_not_a_repeat_or_an_instruction():
+    rows = [
+        {"instruction": "Name a fruit.", "output": "An apple.", "finished": True, "num_tokens": 3},
+        {"instruction": "Name a fruit.", "output": "An apple. And", "finished": False, "num_tokens": 5},
+        {"instruction": "Name a fruit.", "output": "Name a fruit.", "finished": True, "num_tokens": 4},
+        {"instruction": "Name a fruit.", "output": "Which fruit is red?", "finished": True, "num_tokens": 4},
+    ]
+    s = summarise(rows)
+    assert (s["ends_with_eos"], s["repeats_instruction"], s["writes_instruction"], s["answered"]) == (0.75, 0.25, 0.5, 0.25)
+    assert s["mean_tokens"] == 4
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_path, capsys):
+    source = tmp_path / "answers.jsonl"
+    with open(source, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"instruction": f"Say something {i}.", "output": f"Here is thing number {i}."}) + "\n")
+    config = DemoConfig(out_dir=str(tmp_path / "demo"), model=str(tiny_model_path), source=str(source),
+                        train_size=8, eval_size=3, epochs=1, max_new_tokens=4, save_steps=0)
+    report = run_demo(config)
+    out = tmp_path / "demo"
+    assert set(report["summary"]) == {"base", "rt", "it"}
+    rows = [json.loads(line) for line in (out / "side_by_side.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {"base_output", "rt_output", "it_output"} <= set(rows[0])
+    assert "| rt |" in (out / "summary.md").read_text()
+    for method in ("rt", "it"):
+        assert json.loads((out / "runs" / method / "rtune_run.json").read_text())["method"] == method
+    capsys.readouterr()
+    run_demo(config)  # again: every step is found done and skipped
+    assert capsys.readouterr().out.count("already done") == 6  # data, 2 trainings, 3 generations
