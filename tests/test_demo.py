@@ -25,6 +25,8 @@ def test_repeats_instruction(instruction, output, repeat):
     ("Compose a table with three columns.\n<|user|>", True),
     ("\n\nWrite a haiku about rain.", True),
     ("1. Apple\n2. Orange\n3. Banana", False),
+    ("- Create robots that sort parcels.\n- Use robots to clean floors.", False),  # an answer, as a list
+    ("1. What is the purpose of the program?", True),
     ("Quantum computing is faster than classical computing for some problems.", False),
     ("Listening is the key skill of a manager.", False),  # "listening" is not the verb "list"
     ("", False),

@@ -71,8 +71,8 @@ def writes_instruction(output: str) -> bool:
 
     Small RT models often continue the prompt's genre: "Describe the key responsibilities of a
     software engineer." -> "What are the main duties of a software engineer?". Judged on the
-    first non-empty line: it ends with "?", opens with a common instruction verb (Alpaca's), or
-    the output opens a new chat turn ("<|user|>"). A heuristic: an answer that happens to start
+    first non-empty line: it ends with "?", opens with a common instruction verb (Alpaca's, not
+    in a list item), or the output opens a new chat turn ("<|user|>"). A heuristic: an answer that happens to start
     with "Write ..." counts as an instruction too.
     """
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
@@ -81,6 +81,8 @@ def writes_instruction(output: str) -> bool:
     first = lines[0].lower()
     if "<|user|>" in output or first.endswith("?"):
         return True
+    if re.match(r"([-*\u2022]|\d+[.)])\s", first):  # a list item: "- Use robots to ..." is an answer
+        return False
     words = re.sub(r"[^\w\s]", " ", first).split()
     return any(words[: len(o.split())] == o.split() for o in INSTRUCTION_OPENERS)
 
