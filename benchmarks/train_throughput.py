@@ -381,6 +381,18 @@ def main(argv=None) -> None:
             print(f", eval loss {r['eval_loss']:.4f} vs {base['eval_loss']:.4f} "
                   f"({(r['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2%})", end="")
         print()
+    print("\ntargets:")
+    if base and "rtune" in results:
+        r = results["rtune"]
+        ratio = r["tokens_per_s"] / base["tokens_per_s"]
+        same_loss = "eval_loss" in r and "eval_loss" in base and abs(r["eval_loss"] / base["eval_loss"] - 1) <= 0.01
+        print(f"  >= 2.5x the baseline's tokens/s at the same eval loss (within 1%): {ratio:.2f}x, "
+              f"loss {'within 1%' if same_loss else 'not compared (--no-eval)' if 'eval_loss' not in r else 'DIFFERS'}"
+              f" -> {'met' if ratio >= 2.5 and same_loss else 'NOT met'}")
+    for name, r in results.items():
+        if name.endswith("-8x512") and not name.startswith("trl"):
+            print(f"  <= 6 GB peak for LoRA at 8 x 512 tokens, {name}: {r['peak_rss_gb']:.2f} GB -> "
+                  f"{'met' if r['peak_rss_gb'] <= 6 else 'NOT met'}")
     if a.json:
         Path(a.json).write_text(json.dumps({"peak": peak, "flops": flops, "results": results, "args": vars(a)},
                                            indent=2), encoding="utf-8")
