@@ -12,6 +12,7 @@ from rtune.batching import IGNORE, collate_packed, collate_padded, register_varl
 from rtune.config import load_config
 from rtune.loss import causal_lm_parts, chunked_linear_ce_sum, token_loss_sum
 from rtune.train import train
+from tiny import random_sequences
 
 FP32 = torch.autocast("cpu", enabled=False)
 VOCAB = 97
@@ -41,12 +42,7 @@ def gemma3(attn="sdpa"):
 
 
 def seqs(lengths=(5, 17, 9, 30), trained_from=(2, 3, 8, 1), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n, k in zip(lengths, trained_from):
-        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * k + ids[k:]})
-    return out
+    return random_sequences(lengths, trained_from, VOCAB, seed)
 
 
 def n_trained(batch_seqs):

@@ -13,6 +13,7 @@ from rtune.config import PRESETS, TrainConfig, load_config
 from rtune.errors import RtuneError
 from rtune.merge import merge_run
 from rtune.train import load_run, read_run_info, token_loss_sum, train
+from tiny import random_sequences
 
 WORDS = "the quick brown fox jumps over lazy dog eat well sleep and exercise first second third".split()
 
@@ -117,22 +118,13 @@ def test_yaml_reads_scientific_notation_and_overrides_name_their_source(tmp_path
 # -- loss normalisation ---------------------------------------------------------------------------
 
 
-def _seqs(lengths, trained_from, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n, k in zip(lengths, trained_from):
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * k + ids[k:]})
-    return out
-
-
 def test_grad_accumulation_equals_one_big_batch():
     """4 micro-batches of 1 (different lengths and trained counts) == one batch of 4, same gradients."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg)
-    seqs = _seqs([5, 17, 9, 30], [2, 3, 8, 1], 97)
+    seqs = random_sequences([5, 17, 9, 30], [2, 3, 8, 1], 97)
     n_tokens = sum(sum(1 for x in s["labels"][1:] if x != IGNORE) for s in seqs)
     fp32 = torch.autocast("cpu", enabled=False)
 
@@ -163,7 +155,7 @@ def test_loss_matches_the_models_own_mean_loss():
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg)
-    (s,) = _seqs([12], [4], 97)
+    (s,) = random_sequences([12], [4], 97)
     b = collate_padded([s], 0)
     ours = token_loss_sum(model, b, torch.autocast("cpu", enabled=False)) / 8  # 12 - 4 trained tokens
     theirs = model(input_ids=b["input_ids"], labels=b["labels"]).loss

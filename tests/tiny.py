@@ -87,3 +87,17 @@ def tiny_gpt2(tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     return GPT2LMHeadModel(config).eval()
+
+
+def random_sequences(lengths, trained_from, vocab, seed=0):
+    """Rendered-sequence dicts of random ids (from 3: clear of special ids), trained from position k on."""
+    import torch
+
+    from rtune.batching import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, k in zip(lengths, trained_from):
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE] * k + ids[k:]})
+    return out
