@@ -53,13 +53,18 @@ def trained_tokens(labels: list[int]) -> int:
     return sum(1 for x in labels[1:] if x != IGNORE)
 
 
+def _ids_and_labels(seq) -> tuple[list[int], list[int]]:
+    """A sequence given as an object with .input_ids and .labels, or as a dict with those keys."""
+    return (seq["input_ids"], seq["labels"]) if isinstance(seq, dict) else (seq.input_ids, seq.labels)
+
+
 def collate_padded(seqs, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of sequences (objects with .input_ids and .labels, or dicts) to one tensor batch.
 
     The loss mask comes from labels alone (-100 on padding), so the pad id is never trained and
     pad == eos is harmless: the real EOS at the end of each response keeps its label.
     """
-    rows = [(s["input_ids"], s["labels"]) if isinstance(s, dict) else (s.input_ids, s.labels) for s in seqs]
+    rows = [_ids_and_labels(s) for s in seqs]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -91,8 +96,9 @@ def collate_packed(seqs) -> dict[str, torch.Tensor]:
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []
+    starts = [0]  # sequence boundaries [0, n1, n1+n2, ...]
     for i, s in enumerate(seqs):
-        ids, labs = (s["input_ids"], s["labels"]) if isinstance(s, dict) else (s.input_ids, s.labels)
+        ids, labs = _ids_and_labels(s)
         if len(ids) != len(labs):
             raise ValueError(f"sequence {i}: {len(ids)} input ids but {len(labs)} labels")
         if not ids:
@@ -100,18 +106,16 @@ def collate_packed(seqs) -> dict[str, torch.Tensor]:
         input_ids.extend(ids)
         labels.extend([IGNORE] + list(labs[1:]))
         position_ids.extend(range(len(ids)))
+        starts.append(starts[-1] + len(ids))
 
     def row(values):
         return torch.tensor([values], dtype=torch.long)
 
-    starts = [0]
-    for s in seqs:
-        starts.append(starts[-1] + len(s["input_ids"] if isinstance(s, dict) else s.input_ids))
     return {
         "input_ids": row(input_ids),
         "labels": row(labels),
         "position_ids": row(position_ids),
-        # Sequence boundaries [0, n1, n1+n2, ...] for variable-length attention (see packed_attention_kwargs).
+        # The boundaries, for variable-length attention (see packed_attention_kwargs).
         "cu_seq_lens": torch.tensor(starts, dtype=torch.int32),
     }
 

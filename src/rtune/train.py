@@ -369,6 +369,12 @@ def use_numpy_dropout(model) -> int:
     return swapped
 
 
+def decoder_body(model):
+    """The decoder body (rtune.loss.causal_lm_parts), or the whole model when it has no such layout."""
+    parts = causal_lm_parts(model)
+    return parts[0] if parts is not None else model
+
+
 def frozen_linears_to_bf16(model) -> int:
     """Store the frozen linear layers of the decoder body in bf16 (LoRA under bf16 autocast).
 
@@ -379,10 +385,8 @@ def frozen_linears_to_bf16(model) -> int:
     the embedding lookup is not autocast; the loss casts the output layer once (rtune.loss).
     Returns the number of layers converted.
     """
-    parts = causal_lm_parts(model)
-    body = parts[0] if parts is not None else model
     converted = 0
-    for module in body.modules():
+    for module in decoder_body(model).modules():
         if (isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32
                 and not any(p.requires_grad for p in module.parameters())):
             module.to(torch.bfloat16)
@@ -392,9 +396,7 @@ def frozen_linears_to_bf16(model) -> int:
 
 def compile_body(model) -> None:
     """torch.compile the decoder body in place (dynamic shapes: micro-batches vary in length)."""
-    parts = causal_lm_parts(model)
-    target = parts[0] if parts is not None else model
-    target.compile(dynamic=True)
+    decoder_body(model).compile(dynamic=True)
 
 
 def build_model(model_spec: str, config: TrainConfig, device: torch.device, sharded: bool = False):
