@@ -235,7 +235,7 @@ def check_hardware(config: TrainConfig, device: torch.device) -> None:
 def check_distributed(accelerator, config: TrainConfig) -> bool:
     """Refuse the distributed setups whose loss or checkpoints are not verified; True for FSDP2.
 
-    Tested: one device, DDP, FSDP2 (tests/test_train.py runs 2 CPU processes of each against one
+    Tested: one device, DDP, FSDP2 (tests/test_distributed.py runs 2 CPU processes of each against one
     process). FSDP1 clips gradients correctly only when every parameter is trained (not LoRA) and
     keeps flat parameters our checkpoints do not read; DeepSpeed owns gradient accumulation, loss
     scaling and clipping itself, which would bypass rtune's exact token-mean loss over the step.
