@@ -186,7 +186,7 @@ def cmd_demo(a) -> None:
     from rtune.demo import DemoConfig, run_demo
 
     config = DemoConfig(out_dir=a.out)
-    for field in ("train_size", "eval_size", "epochs", "max_new_tokens"):
+    for field in ("train_size", "eval_size", "epochs", "lr", "max_new_tokens"):
         if getattr(a, field) is not None:
             setattr(config, field, getattr(a, field))
     run_demo(config)
@@ -272,10 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "demo", "RT vs IT vs base on the offline default (Gemma 3 270M + alpaca-demo)")
     p.add_argument("--out", default="rtune-demo")
-    p.add_argument("--train-size", type=int, default=None)
-    p.add_argument("--eval-size", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    from rtune.demo import DemoConfig  # light: the defaults shown in --help are the ones used
+
+    demo_defaults = DemoConfig()
+    p.add_argument("--train-size", type=int, default=None,
+                   help=f"training responses shared by RT and IT (default {demo_defaults.train_size})")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help=f"held-out instructions every model answers (default {demo_defaults.eval_size})")
+    p.add_argument("--epochs", type=float, default=None, help=f"default {demo_defaults.epochs}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {demo_defaults.lr:g}, for RT and IT alike")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {demo_defaults.max_new_tokens}")
     p.set_defaults(func=cmd_demo)
     return parser
 
