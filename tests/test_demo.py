@@ -65,3 +65,17 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_p
     capsys.readouterr()
     run_demo(config)  # again: every step is found done and skipped
     assert capsys.readouterr().out.count("already done") == 6  # data, 2 trainings, 3 generations
+
+
+def test_demo_cli_flags_override_the_defaults_and_nothing_else(monkeypatch, tmp_path):
+    import rtune.demo
+    from rtune.cli import main
+
+    seen = []
+    monkeypatch.setattr(rtune.demo, "run_demo", seen.append)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--lr", "1e-3", "--eval-size", "5", "--epochs", "2"]) == 0
+    (config,) = seen
+    assert (config.out_dir, config.lr, config.eval_size, config.epochs) == (str(tmp_path / "d"), 1e-3, 5, 2)
+    defaults = DemoConfig()
+    assert (config.train_size, config.max_new_tokens, config.model) == (
+        defaults.train_size, defaults.max_new_tokens, defaults.model)
