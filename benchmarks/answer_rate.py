@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rtune.demo import is_answer, summarise, table
-from rtune.generate import GenerationConfig, generate_ids, load_for_inference, read_prompts
+from rtune.generate import GenerationConfig, answer_prompts, load_for_inference, read_prompts
 from rtune.io import write_jsonl_atomic
 from rtune.sources import read_records
 
@@ -45,11 +45,8 @@ def main() -> None:
     for spec in a.models:
         model, tokenizer, renderer = load_for_inference(spec)
         start = time.time()
-        generations = generate_ids(model, tokenizer, renderer,
-                                   [renderer.render_prompt(r["instruction"]) for r in prompts], config)
-        rows = [{"id": r["id"], "instruction": r["instruction"], "output": g.text, "finished": g.finished,
-                 "num_tokens": g.num_tokens} for r, g in zip(prompts, generations)]
         name = spec.rstrip("/")
+        rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator=name)
         summary[name] = summarise(rows)
         print(f"{spec}: {len(rows)} prompts in {time.time() - start:.0f} s", flush=True)
         if a.show:

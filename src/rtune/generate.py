@@ -302,11 +302,27 @@ def generate_file(
     generator = method_label or Path(str(model_or_run).rstrip("/")).name
 
     start = time.perf_counter()
-    ids = [renderer.render_prompt(p["instruction"]) for p in prompts]
-    gens = generate_ids(model, tokenizer, renderer, ids, config, progress=True)
+    rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator, progress=True)
     seconds = time.perf_counter() - start
+    write_jsonl_atomic(out_path, rows)
+    n = len(rows)
+    return {
+        "out": str(out_path),
+        "count": n,
+        "finished_share": sum(r["finished"] for r in rows) / n,
+        "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
+        "seconds": round(seconds, 3),
+        "prompts_per_s": round(n / seconds, 3) if seconds > 0 else None,
+    }
 
-    rows = [
+
+def answer_prompts(model, tokenizer, renderer, prompts: list[dict], config: GenerationConfig, generator: str,
+                   *, progress: bool = False) -> list[dict]:
+    """Answer read_prompts() records: {"id", "instruction", "output", "finished", "num_tokens",
+    "generator"} each, in input order (the rows generate_file writes)."""
+    ids = [renderer.render_prompt(p["instruction"]) for p in prompts]
+    gens = generate_ids(model, tokenizer, renderer, ids, config, progress=progress)
+    return [
         {
             "id": p["id"],
             "instruction": p["instruction"],
@@ -317,13 +333,3 @@ def generate_file(
         }
         for p, g in zip(prompts, gens)
     ]
-    write_jsonl_atomic(out_path, rows)
-    n = len(rows)
-    return {
-        "out": str(out_path),
-        "count": n,
-        "finished_share": sum(g.finished for g in gens) / n,
-        "mean_tokens": sum(g.num_tokens for g in gens) / n,
-        "seconds": round(seconds, 3),
-        "prompts_per_s": round(n / seconds, 3) if seconds > 0 else None,
-    }
