@@ -150,3 +150,33 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("rtune: error:") and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_config_field_is_a_train_flag(monkeypatch):
+    """rtune train's flags come from TrainConfig: each field is reachable, with its help, and reaches the config."""
+    import dataclasses
+
+    import rtune.train.recipe as recipe
+    from rtune.train.config import TrainConfig
+
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train_parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in flags, f"config field {f.name} has no rtune train flag"
+        assert f.metadata.get("help") and f.metadata["help"] in flags[f.name].help, f.name
+
+    seen = {}
+    monkeypatch.setattr(recipe, "train", lambda model, data, out, config, **kw: seen.setdefault("config", config) or {})
+    args = ["train", "--model", "m", "--data", "d", "--out", "o", "--config", "cpu", "--lr", "3e-4",
+            "--lora-target", "q_proj,v_proj", "--no-group-by-length", "--packing", "--max-steps", "7", "--epochs", "1.5"]
+    assert main(args) == 0
+    c = seen["config"]
+    assert (c.lr, c.lora_target, c.group_by_length, c.packing, c.max_steps, c.epochs) == (
+        3e-4, ["q_proj", "v_proj"], False, True, 7, 1.5)
+    assert c.batch_size == 2  # the cpu preset's, not overridden
+
+
+def test_bad_flag_value_names_the_field(capsys):
+    assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--lr", "fast"]) == 2
+    assert "field 'lr'" in capsys.readouterr().err

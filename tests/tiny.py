@@ -93,7 +93,7 @@ def random_sequences(lengths, trained_from, vocab, seed=0):
     """Rendered-sequence dicts of random ids (from 3: clear of special ids), trained from position k on."""
     import torch
 
-    from rtune.batching import IGNORE
+    from rtune.render import IGNORE
 
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -33,7 +33,7 @@ def _parser(sub, name: str, help: str, description: str = "") -> argparse.Argume
 
 # -- data ---------------------------------------------------------------------------------------
 def cmd_data_prepare(a) -> None:
-    from rtune.sources import prepare
+    from rtune.data import prepare
 
     fields = {
         k: v
@@ -51,8 +51,9 @@ def cmd_data_prepare(a) -> None:
 
 
 def cmd_data_inspect(a) -> None:
-    from rtune.render import describe, visualize
-    from rtune.sources import read_records
+    from rtune.data import read_records
+    from rtune.infer.load import load_renderer
+    from rtune.render.inspect import describe, visualize
 
     records = read_records(a.file)
     if not 0 <= a.index < len(records):
@@ -69,58 +70,29 @@ def cmd_data_inspect(a) -> None:
         print(f"\n[{a.method}] {len(seq.input_ids)} tokens, {seq.num_trained} trained (highlighted)", file=sys.stderr)
 
 
-def load_renderer(model: str, template: str | None):
-    """The renderer of a run folder (its saved template) or of a model's tokenizer."""
-    from rtune.models import is_run_dir, load_tokenizer
-    from rtune.render import Renderer
-
-    if is_run_dir(model):
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
-        info = json.loads((Path(model) / "rtune_run.json").read_text())
-        from rtune.models import remote_code_allowed
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(model) / "tokenizer", trust_remote_code=remote_code_allowed())
-        if template and template != info["renderer"]["template"]:
-            raise RtuneError(f"{model} was trained with --template {info['renderer']['template']}, not {template}")
-        return Renderer.from_dict(info["renderer"], tokenizer)
-    return Renderer(load_tokenizer(model), template or "tulu")
-
-
 # -- training -----------------------------------------------------------------------------------
-TRAIN_FLAGS = [
-    # flag, config field, type, help
-    ("--method", "method", str, "rt | it | rt-empty-user"),
-    ("--template", "template", str, "tulu (the paper's tags) | model (the tokenizer's chat template)"),
-    ("--peft", "peft", str, "lora (default) | qlora (CUDA) | none (full fine-tuning)"),
-    ("--epochs", "epochs", float, "training epochs"),
-    ("--lr", "lr", float, "learning rate"),
-    ("--lr-scheduler", "lr_scheduler", str, "constant | cosine | linear"),
-    ("--batch-size", "batch_size", int, "micro-batch size per device"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimiser step"),
-    ("--max-length", "max_length", int, "truncate sequences to this many tokens"),
-    ("--max-steps", "max_steps", int, "stop after this many optimiser steps"),
-    ("--save-steps", "save_steps", int, "checkpoint every N optimiser steps (0: only at the end)"),
-    ("--seed", "seed", int, "random seed"),
-    ("--lora-r", "lora_r", int, "LoRA rank"),
-    ("--lora-alpha", "lora_alpha", float, "LoRA alpha"),
-    ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
-    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
-    ("--precision", "precision", str, "auto | fp32 | bf16"),
-]
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--lr, --lora-target, --packing/--no-packing, ...), help from the field.
+
+    Values stay strings here: rtune.train.config coerces and checks them like a YAML file's, so a bad
+    value gets the same message from a flag as from a config file."""
+    from rtune.train.config import config_fields
+
+    group = p.add_argument_group("config fields (override --config)")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.help} (default {f.default})" if f.help else f"default {f.default}"
+        if f.type_text == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.metavar, help=help)
 
 
 def cmd_train(a) -> None:
-    from rtune.config import load_config
-    from rtune.train import train
+    from rtune.train.config import config_fields, load_config
+    from rtune.train.recipe import train
 
-    overrides = {field: getattr(a, field) for _, field, _, _ in TRAIN_FLAGS if getattr(a, field) is not None}
-    if a.gradient_checkpointing:
-        overrides["gradient_checkpointing"] = True
-    if a.merge:
-        overrides["merge"] = True
+    overrides = {f.name: getattr(a, f.name) for f in config_fields() if getattr(a, f.name) is not None}
     config = load_config(a.config, overrides)
     result = train(a.model, a.data, a.out, config, resume=a.resume, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
@@ -128,7 +100,7 @@ def cmd_train(a) -> None:
 
 
 def cmd_merge(a) -> None:
-    from rtune.merge import merge_run
+    from rtune.infer.merge import merge_run
 
     out = merge_run(a.run, a.out)
     print(f"merged model written to {out}")
@@ -147,7 +119,7 @@ def _add_generation_flags(p) -> None:
 
 
 def _generation_config(a):
-    from rtune.generate import GenerationConfig
+    from rtune.infer.generate import GenerationConfig
 
     values = {
         "max_new_tokens": a.max_new_tokens,
@@ -164,20 +136,20 @@ def _generation_config(a):
 
 
 def cmd_generate(a) -> None:
-    from rtune.generate import generate_file
+    from rtune.infer.generate import generate_file
 
     summary = generate_file(a.model, a.prompts, a.out, _generation_config(a), template=a.template)
     print(json.dumps(summary, indent=2))
 
 
 def cmd_chat(a) -> None:
-    from rtune.chat import chat
+    from rtune.infer.chat import chat
 
     chat(a.model, template=a.template, config=_generation_config(a))
 
 
 def cmd_model_fetch(a) -> None:
-    from rtune.assets import builtin_model_dir
+    from rtune.models.builtin import builtin_model_dir
 
     print(builtin_model_dir(a.name))
 
@@ -239,11 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", default="paper", help="paper (default) | cpu | FILE.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    for flag, field, typ, help in TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None, help=help)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--merge", action="store_true", help="also write merged weights at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = _parser(sub, "merge", "merge a LoRA run into a standalone model folder")

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rtune import run_folder
 from rtune.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 
@@ -124,10 +125,10 @@ def table(summary: dict) -> str:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from rtune.config import load_config
-    from rtune.generate import GenerationConfig, generate_file
-    from rtune.sources import prepare
-    from rtune.train import train
+    from rtune.data import prepare
+    from rtune.infer.generate import GenerationConfig, generate_file
+    from rtune.train.config import load_config
+    from rtune.train.recipe import train
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,14 +166,13 @@ def run_demo(config: DemoConfig) -> dict:
     for method in ("rt", "it"):
         run_dir = out / "runs" / method
         train_config.method = method
-        complete = _run_complete(run_dir)
-        if complete:
+        if run_folder.run_is_complete(run_dir):
             print(f"[demo] train {method.upper()}: already done ({run_dir})")
             continue
         print(f"[demo] train {method.upper()} on {config.train_size} responses ...", flush=True)
         t = time.time()
         # An interrupted run continues from its last checkpoint (a finished one is skipped above).
-        train(config.model, str(train_file), str(run_dir), train_config, resume=(run_dir / "rtune_run.json").exists())
+        train(config.model, str(train_file), str(run_dir), train_config, resume=run_folder.is_run_dir(run_dir))
         timings[f"train {method}"] = round(time.time() - t, 1)
 
     gen_config = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.eval_size)
@@ -205,11 +205,6 @@ def run_demo(config: DemoConfig) -> dict:
     print("\n" + text)
     print(f"\nside-by-side answers: {out / 'side_by_side.jsonl'}; total {report['total_s']:.0f} s")
     return report
-
-
-def _run_complete(run_dir: Path) -> bool:
-    info = run_dir / "rtune_run.json"
-    return info.exists() and json.loads(info.read_text()).get("status") == "complete"
 
 
 def _read_jsonl(path: Path) -> list[dict]:

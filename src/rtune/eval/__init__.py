@@ -1,0 +1,1 @@
+"""Generations -> metrics and judgments: benchmarks, judge-free measures, LLM judges (filled by the evaluation issues)."""

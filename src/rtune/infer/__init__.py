@@ -1,0 +1,1 @@
+"""Run folders and models -> generations and scores: loading, batched generation, likelihood scoring, chat, merge."""

@@ -1,0 +1,226 @@
+"""Records -> token ids and labels, with the loss mask built while rendering.
+
+A conversation is rendered as a list of segments, each either a piece of text or a special token
+id, and each either trained or not. Segments are tokenized one by one and their labels are set as
+they are appended, so the mask is exact for any tokenizer: nothing searches for a marker string
+afterwards (the most reported SFT masking bug), and a response can never be half-masked by a
+token that straddles the prompt/response boundary.
+
+Methods (An, Kim & Kim 2024; Hewitt et al. 2024):
+    it             <|user|>\\n{instruction}\\n<|assistant|>\\n{response}{eos}
+    rt             <|assistant|>\\n{response}{eos}
+    rt-empty-user  <|user|>\\n\\n<|assistant|>\\n{response}{eos}
+    prompt         <|user|>\\n{instruction}\\n<|assistant|>\\n           (inference, all methods)
+Only the response and the end token are trained (labels elsewhere are -100).
+
+Templates: "tulu" (the paper's plain-text tags, the default) or "model" (the tokenizer's own chat
+template, decomposed into the same segments; see `ModelTemplate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rtune.errors import RtuneError
+from rtune.render.templates import ModelTemplate, Segment, TuluTemplate
+
+IGNORE = -100
+METHODS = ("rt", "it", "rt-empty-user")
+TEMPLATES = ("tulu", "model")
+RENDER_FORMAT_VERSION = 1
+
+
+@dataclass
+class RenderedSequence:
+    input_ids: list[int]
+    labels: list[int]
+    id: str = ""
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class RenderStats:
+    records: int = 0
+    rendered: int = 0
+    dropped_nothing_trained: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "rendered": self.rendered,
+            "dropped_nothing_trained": self.dropped_nothing_trained,
+            "truncated": self.truncated,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+        }
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise RtuneError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return method
+
+
+def training_messages(record: dict, method: str) -> list[dict]:
+    """The conversation a record is trained as, for each method."""
+    check_method(method)
+    response = record.get("response")
+    if not isinstance(response, str) or not response.strip():
+        raise RtuneError(f"record {record.get('id', '?')!r}: empty or missing 'response'")
+    if method == "rt":
+        return [{"role": "assistant", "content": response}]
+    if method == "rt-empty-user":
+        return [{"role": "user", "content": ""}, {"role": "assistant", "content": response}]
+    instruction = record.get("instruction") or ""
+    if not instruction.strip():
+        raise RtuneError(
+            f"record {record.get('id', '?')!r} has no instruction, which --method it needs "
+            "(response-only data trains with --method rt or rt-empty-user)"
+        )
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Tokenize one segment on its own (no special tokens added).
+
+    Byte-level BPE tokenizers (Gemma 3, Llama 3, Qwen, SmolLM2) give the same ids as tokenizing the
+    joined text at segment boundaries. SentencePiece tokenizers with a dummy prefix (Llama 2,
+    Mistral) start each segment with a prefix-space piece; that is harmless because inference
+    tokenizes the prompt as the same segment and the model learns to emit the response's pieces.
+    """
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos_policy(tokenizer) -> int | None:
+    """The BOS id the tokenizer itself puts first (the one the model was pre-trained with), or None."""
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and with_special[:1] == [bos] and without[:1] != [bos]:
+        return bos
+    return None
+
+
+class Renderer:
+    """Renders records and conversations for one tokenizer and one template."""
+
+    def __init__(self, tokenizer, template: str = "tulu", *, _saved: dict | None = None):
+        if template not in TEMPLATES:
+            raise RtuneError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
+        self.tokenizer = tokenizer
+        self.template_name = template
+        saved = _saved or {}
+        if template == "tulu":
+            self.template = TuluTemplate(tokenizer, saved.get("strings"))
+        else:
+            self.template = ModelTemplate(tokenizer, saved.get("chat_template"))
+        self.bos_id = _bos_policy(tokenizer)
+
+    # -- the one place where segments become ids and labels -------------------------------------
+    def _tokenize(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        # Adjacent untrained text is joined first, so a prompt tokenizes exactly as it will at inference.
+        merged: list[Segment] = []
+        for seg in segments:
+            if seg.ids is None and not seg.trained and merged and merged[-1].ids is None and not merged[-1].trained:
+                merged[-1] = Segment(merged[-1].text + seg.text)
+            else:
+                merged.append(seg)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for seg in merged:
+            if seg.ids is not None:
+                ids = list(seg.ids)
+            else:
+                ids = _encode(self.tokenizer, seg.text)
+            input_ids.extend(ids)
+            labels.extend(ids if seg.trained else [IGNORE] * len(ids))
+        if self.bos_id is not None and input_ids[:1] != [self.bos_id]:
+            input_ids.insert(0, self.bos_id)
+            labels.insert(0, IGNORE)
+        if self.bos_id is not None and input_ids[1:2] == [self.bos_id]:
+            raise RtuneError("rendering produced two BOS tokens; the template and the tokenizer both add one")
+        return input_ids, labels
+
+    # -- public API -------------------------------------------------------------------------------
+    def render_messages(self, messages: list[dict]) -> RenderedSequence:
+        ids, labels = self._tokenize(self.template.segments(messages, add_generation_prompt=False))
+        return RenderedSequence(ids, labels)
+
+    def _render_training(self, record: dict, method: str, max_length: int | None):
+        seq = self.render_messages(training_messages(record, method))
+        seq.id = str(record.get("id", ""))
+        truncated = max_length is not None and len(seq.input_ids) > max_length
+        if truncated:
+            seq.input_ids, seq.labels = seq.input_ids[:max_length], seq.labels[:max_length]
+        return (seq if seq.num_trained else None), truncated
+
+    def render_training(self, record: dict, method: str, max_length: int | None = None) -> RenderedSequence | None:
+        """The training sequence of a record, truncated to max_length; None if nothing is left to train."""
+        return self._render_training(record, method, max_length)[0]
+
+    def render_dataset(self, records: list[dict], method: str, max_length: int | None = None):
+        """Render many records; returns (sequences, RenderStats)."""
+        stats = RenderStats(records=len(records))
+        out = []
+        for r in records:
+            seq, truncated = self._render_training(r, method, max_length)
+            stats.truncated += truncated
+            if seq is None:
+                stats.dropped_nothing_trained += 1
+                continue
+            stats.rendered += 1
+            stats.tokens += len(seq.input_ids)
+            stats.trained_tokens += seq.num_trained
+            out.append(seq)
+        return out, stats
+
+    def render_prompt(self, instruction: str) -> list[int]:
+        """Inference prompt for one instruction (the same for every method)."""
+        return self.render_chat_prompt([{"role": "user", "content": instruction}])
+
+    def render_chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Inference prompt for a conversation that ends with a user turn."""
+        if not messages or messages[-1]["role"] != "user":
+            raise RtuneError("a generation prompt must end with a user message")
+        ids, _ = self._tokenize(self.template.segments(messages, add_generation_prompt=True))
+        return ids
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an assistant turn (generation stops at any of them)."""
+        ids = list(self.template.end_ids)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+        return ids
+
+    def to_dict(self) -> dict:
+        """What a run folder stores, so that inference uses exactly the training template."""
+        return {
+            "version": RENDER_FORMAT_VERSION,
+            "template": self.template_name,
+            **self.template.to_dict(),
+            "bos_id": self.bos_id,
+            "end_ids": list(self.template.end_ids),
+            "eos_token": self.tokenizer.eos_token,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, tokenizer) -> "Renderer":
+        if d.get("version") != RENDER_FORMAT_VERSION:
+            raise RtuneError(f"unsupported render format version {d.get('version')!r}")
+        r = cls(tokenizer, d["template"], _saved=d)
+        if r.template.end_ids != d["end_ids"] or r.bos_id != d["bos_id"]:
+            raise RtuneError(
+                "the tokenizer does not match the one the run was trained with "
+                f"(end ids {r.template.end_ids} vs {d['end_ids']}, bos {r.bos_id} vs {d['bos_id']})"
+            )
+        return r

@@ -1,0 +1,1 @@
+"""Evaluation results -> reports: tables and plots side by side (filled by the evaluation issues)."""
