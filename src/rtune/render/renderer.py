@@ -194,6 +194,11 @@ class Renderer:
         return ids
 
     @property
+    def stop_strings(self) -> list[str]:
+        """Text at which generation stops and is cut (tulu: the next-turn headers <|user|>, <|assistant|>)."""
+        return list(self.template.stop_strings)
+
+    @property
     def stop_ids(self) -> list[int]:
         """Token ids that end an assistant turn (generation stops at any of them)."""
         ids = list(self.template.end_ids)

@@ -58,6 +58,11 @@ class TuluTemplate:
             out.append(Segment(s["assistant_header"]))
         return out
 
+    @property
+    def stop_strings(self) -> list[str]:
+        """Text that opens a new turn: generation stops there (a model running on into an invented dialogue)."""
+        return [h.strip() for h in (self.strings["user_header"], self.strings["assistant_header"]) if h.strip()]
+
     def to_dict(self) -> dict:
         return {"strings": self.strings}
 
@@ -169,6 +174,8 @@ class ModelTemplate:
         if remainder:
             segs.append(Segment(remainder))
         return segs
+
+    stop_strings: list[str] = []  # the end-of-turn token(s) stop generation
 
     def to_dict(self) -> dict:
         return {"chat_template": self.chat_template}
