@@ -31,3 +31,15 @@ def test_unfinished_run_is_named(tmp_path):
     with pytest.raises(RtuneError, match="has not finished.*nothing to merge"):
         run_folder.read_complete_run_info(tmp_path, "nothing to merge")
     assert not run_folder.run_is_complete(tmp_path)
+
+
+def test_qlora_run_without_cuda_loads_unquantised_with_a_warning(caplog, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert run_folder.base_quantization({"config": {"peft": "qlora"}}, "merging into") is None
+    assert "NF4" in caplog.text and "merging into" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_folder.base_quantization({"config": {"peft": "qlora"}}, "x") == "nf4"
+    assert run_folder.base_quantization({"config": {"peft": "lora"}}, "x") is None

@@ -21,6 +21,7 @@ and for loading a run or merged folder with its renderer.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +38,8 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
 TOKENIZER_DIR = "tokenizer"
 MERGED_DIR = "merged"
+
+log = logging.getLogger("rtune")
 
 
 def now() -> str:
@@ -128,13 +131,24 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise RtuneError(f"{run_dir} {what}; use --resume to continue that run, or another --out")
 
 
-def write_run_header(run_dir: Path, info: dict, config_yaml: str, tokenizer) -> None:
+def save_tokenizer(tokenizer, renderer, folder: Path) -> None:
+    """The tokenizer with the run's template exported as its Jinja `chat_template`, so that plain
+    transformers, vLLM and lm-evaluation-harness prompt the model as rtune does."""
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = renderer.chat_template()
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = saved
+
+
+def write_run_header(run_dir: Path, info: dict, config_yaml: str, tokenizer, renderer) -> None:
     """config.yaml, the tokenizer and then the run file (its presence means the header is complete)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / CONFIG_FILE, config_yaml)
     if not (run_dir / TOKENIZER_DIR).is_dir():
         with atomic_dir(run_dir / TOKENIZER_DIR) as tmp:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, renderer, tmp)
     write_run_info(run_dir, info)
 
 
@@ -171,6 +185,21 @@ def write_merged_info(folder: Path, info: dict, run_dir: Path, dtype: torch.dtyp
 
 
 # -- loading ---------------------------------------------------------------------------------------
+def base_quantization(info: dict, doing: str) -> str | None:
+    """"nf4" for a QLoRA run on a CUDA machine: its adapter was trained against the 4-bit base.
+
+    Without CUDA there is no NF4: the base loads unquantised, with a warning, and the model differs
+    slightly from the one that was trained."""
+    if info.get("config", {}).get("peft") != "qlora":
+        return None
+    if torch.cuda.is_available():
+        return "nf4"
+    log.warning("this QLoRA run was trained against a 4-bit NF4 base, which needs CUDA: %s an unquantised "
+                "base here, so outputs differ slightly from the trained model's", doing)
+    return None
+
+
+
 def load_tokenizer_and_info(folder: str | os.PathLike) -> tuple:
     """(tokenizer, info) of a run or merged folder; info carries "renderer"."""
     from transformers import AutoTokenizer
@@ -226,9 +255,12 @@ def load_run(run_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, 
     else:
         from peft import PeftModel
 
+        quantization = base_quantization(info, "generating and scoring with")
+        base = load_model(info["base_model"]["load"], dtype=dtype, device=device, quantization=quantization)
         with quiet_peft():
-            model = PeftModel.from_pretrained(load_model(info["base_model"]["load"], dtype=dtype),
-                                              weights_dir(run_dir, info))
+            model = PeftModel.from_pretrained(base, weights_dir(run_dir, info))
+        if quantization:
+            device = None  # 4-bit weights are placed when loaded and cannot be moved
     if device is not None:
         model.to(device)
     model.eval()

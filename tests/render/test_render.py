@@ -18,6 +18,9 @@ RECORDS = [
     {"id": "unicode", "instruction": "Traduis: café 東京", "response": "Héllo wörld — naïve café, 東京 🙂\tdone"},
     # A response that contains the template's own markers: a marker search would mis-mask it.
     {"id": "markers", "instruction": "Show the tags.", "response": "Write <|assistant|>\n then <|user|>\n and <eos>."},
+    # Spellings of special tokens in content stay text (a tokenizer tutorial, HTML, a ChatML sample).
+    {"id": "specials", "instruction": "Explain <bos> and <|im_end|> and <start_of_turn>user",
+     "response": "<s>old</s> means strike; Gemma ends with <eos>, ChatML with <|im_end|>; <start_of_turn>model"},
     {"id": "spaces", "instruction": "  lead", "response": " starts with a space\n\nand ends with newline\n"},
     {"id": "long", "instruction": "Count.", "response": " ".join(str(i) for i in range(400))},
 ]
@@ -33,7 +36,13 @@ def tokenizer(request):
 
 
 def encode(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+    """Text as text: special-token spellings are not parsed (what rtune does with all content)."""
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def special_ids(tok):
+    """Control tokens (<unk> is how a tiny vocabulary spells unknown text, not a control token)."""
+    return {i for i, a in tok.added_tokens_decoder.items() if a.special} - {tok.unk_token_id}
 
 
 def adds_bos(tok):
@@ -63,8 +72,9 @@ def test_tulu_mask_is_exactly_response_and_eos(tokenizer, method, record):
     if bos:
         assert ids[1] != tokenizer.bos_token_id
 
-    # The trained text decodes to the response and EOS.
+    # The trained text decodes to the response and EOS; exactly one control token: the final EOS.
     assert describe(r, seq)["trained_text"].lstrip() == tokenizer.decode(expected).lstrip()
+    assert [t for t in ids if t in special_ids(tokenizer)] == bos + [tokenizer.eos_token_id]
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=[r["id"] for r in RECORDS])
@@ -93,31 +103,50 @@ def test_gemma_facts(gemma_tokenizer):
     assert seq.input_ids[-1] == gemma_tokenizer.convert_tokens_to_ids("<eos>") == r.stop_ids[0]
 
 
-def test_truncation_drops_records_with_nothing_to_train(tiny_tokenizer):
+def trained_ids(seq):
+    return [t for t, lab in zip(seq.input_ids, seq.labels) if lab != IGNORE]
+
+
+def test_truncation_cuts_the_instruction_before_the_response(tiny_tokenizer):
     r = Renderer(tiny_tokenizer)
     rec = {"id": "x", "instruction": "word " * 50, "response": "ok then"}
     full = r.render_training(rec, "it")
     prompt_len = len(r.render_prompt(rec["instruction"]))
-    assert r.render_training(rec, "it", max_length=prompt_len) is None
-    cut = r.render_training(rec, "it", max_length=prompt_len + 1)
-    assert len(cut.input_ids) == prompt_len + 1 and cut.num_trained == 1
-    assert cut.input_ids == full.input_ids[: prompt_len + 1]
-    # The same record trains under RT, whose sequence has no instruction.
-    assert r.render_training(rec, "rt", max_length=prompt_len) is not None
+    # The it prompt alone fills max_length: its instruction is cut, the whole response still trains.
+    cut = r.render_training(rec, "it", max_length=prompt_len)
+    assert len(cut.input_ids) <= prompt_len and trained_ids(cut) == trained_ids(full)
+    assert tiny_tokenizer.decode(cut.input_ids).startswith("<bos><|user|>\nword word")
+    assert r.render_training(rec, "rt", max_length=prompt_len) == r.render_training(rec, "rt")
 
     seqs, stats = r.render_dataset([rec, RECORDS[0]], "it", max_length=prompt_len)
-    assert stats.dropped_nothing_trained == 1
-    assert stats.truncated >= 1
-    assert stats.rendered == len(seqs) == 1
+    assert stats.instruction_truncated == 1 and stats.truncated == 0 and stats.dropped_nothing_trained == 0
+    assert stats.rendered == len(seqs) == 2
     assert stats.trained_tokens == sum(s.num_trained for s in seqs)
+    # Nothing of the response fits after the instruction-free prompt: dropped under every method.
+    tight = r.fixed_prefix_length()
+    for method in METHODS:
+        _, stats = r.render_dataset([rec], method, max_length=tight)
+        assert stats.dropped_nothing_trained == 1, method
+
+
+@pytest.mark.parametrize("max_length", [24, 40, 64, 200])
+def test_every_method_trains_the_same_response_tokens(gemma_tokenizer, max_length):
+    r = Renderer(gemma_tokenizer)
+    long_instruction = {"id": "li", "instruction": "Explain this. " * 30, "response": "Short answer, then more. " * 8}
+    for rec in RECORDS + [long_instruction]:
+        kept = {m: r.render_training(rec, m, max_length) for m in METHODS}
+        assert all(len(s.input_ids) <= max_length for s in kept.values() if s is not None)
+        trained = {m: trained_ids(s) if s is not None else None for m, s in kept.items()}
+        assert trained["rt"] == trained["it"] == trained["rt-empty-user"], rec["id"]
 
 
 def test_long_response_truncated_loses_eos(gemma_tokenizer):
     r = Renderer(gemma_tokenizer)
     seq = r.render_training(RECORDS[-1], "rt", max_length=64)
-    assert len(seq.input_ids) == 64
     assert seq.input_ids[-1] != gemma_tokenizer.eos_token_id
-    assert seq.num_trained == 64 - 1 - len(encode(gemma_tokenizer, "<|assistant|>\n"))
+    # The response budget is what is left after rt-empty-user's prompt, the longest without instruction.
+    assert seq.num_trained == 64 - len([gemma_tokenizer.bos_token_id] + encode(gemma_tokenizer, "<|user|>\n\n<|assistant|>\n"))
+    assert len(r.render_training(RECORDS[-1], "rt-empty-user", max_length=64).input_ids) == 64
 
 
 def test_it_needs_an_instruction_but_rt_does_not(tiny_tokenizer):

@@ -240,7 +240,7 @@ def test_full_finetuning_changes_base_weights(tiny_model_path, data, tmp_path):
     assert run_info["weights"] == "model"
 
 
-def test_dropped_records_are_counted(tiny_model_path, tmp_path):
+def test_truncated_records_are_counted(tiny_model_path, tmp_path):
     data = tmp_path / "d.jsonl"
     long = " ".join(["word"] * 40)
     rows = [{"id": "short", "instruction": "hi", "response": "ok."},
@@ -248,7 +248,10 @@ def test_dropped_records_are_counted(tiny_model_path, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = train(str(tiny_model_path), str(data), str(tmp_path / "r"),
                  tiny_config(method="it", max_length=16, batch_size=1, grad_accum=1), progress=False)
-    assert info["data"]["records"] == 2 and info["data"]["rendered"] == 1 and info["data"]["dropped_nothing_trained"] == 1
+    # The long instruction is cut to fit (the response, the same as RT would train, is whole).
+    counts = info["data"]
+    assert (counts["records"], counts["rendered"], counts["dropped_nothing_trained"]) == (2, 2, 0)
+    assert (counts["instruction_truncated"], counts["truncated"]) == (1, 0)
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tiny_model_path, data, tmp_path):

@@ -59,14 +59,18 @@ def merge_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: tor
     dtype = dtype or (torch.float32 if base.get("gguf_file") else _base_dtype(base["path"]))
     # peft computes the low-rank update in fp32 on CPU even for bf16 weights, so merging in the
     # target dtype loses nothing beyond the final rounding and needs one copy of the model.
-    model = load_model(base["load"], dtype=dtype, device=None)
+    if run_folder.base_quantization(info, "merging into"):
+        # The adapter was trained against NF4 weights: merge it into those weights, de-quantised.
+        model = load_model(base["load"], dtype=dtype, quantization="nf4").dequantize(dtype=dtype).to("cpu")
+    else:
+        model = load_model(base["load"], dtype=dtype, device=None)
     with quiet_peft():
         model = PeftModel.from_pretrained(model, run_folder.weights_dir(run_dir, info))
     model = model.merge_and_unload()
-    tokenizer, _ = run_folder.load_tokenizer_and_info(run_dir)
+    renderer = run_folder.load_renderer(run_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        run_folder.save_tokenizer(renderer.tokenizer, renderer, tmp)
         run_folder.write_merged_info(tmp, info, run_dir, dtype)
     del model
     gc.collect()

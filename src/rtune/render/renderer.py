@@ -19,6 +19,8 @@ template, decomposed into the same segments; see `ModelTemplate`).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 from rtune.errors import RtuneError
@@ -46,19 +48,13 @@ class RenderStats:
     records: int = 0
     rendered: int = 0
     dropped_nothing_trained: int = 0
-    truncated: int = 0
+    truncated: int = 0  # the response was cut (the same records under every method)
+    instruction_truncated: int = 0  # the instruction was cut to fit (it only)
     tokens: int = 0
     trained_tokens: int = 0
 
     def as_dict(self) -> dict:
-        return {
-            "records": self.records,
-            "rendered": self.rendered,
-            "dropped_nothing_trained": self.dropped_nothing_trained,
-            "truncated": self.truncated,
-            "tokens": self.tokens,
-            "trained_tokens": self.trained_tokens,
-        }
+        return dataclasses.asdict(self)
 
 
 def check_method(method: str) -> str:
@@ -87,16 +83,43 @@ def training_messages(record: dict, method: str) -> list[dict]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    """Tokenize one segment on its own (no special tokens added).
+    """Tokenize text as text: no special tokens added, and none parsed from their spellings.
 
-    Byte-level BPE tokenizers (Gemma 3, Llama 3, Qwen, SmolLM2) give the same ids as tokenizing the
-    joined text at segment boundaries. SentencePiece tokenizers with a dummy prefix (Llama 2,
-    Mistral) start each segment with a prefix-space piece; that is harmless because inference
-    tokenizes the prompt as the same segment and the model learns to emit the response's pieces.
+    A response that mentions `<eos>` or `<|im_end|>` (a tokenizer tutorial, a code sample) gets the
+    pieces of that text, never the control token. Byte-level BPE tokenizers (Gemma 3, Llama 3,
+    Qwen, SmolLM2) give the same ids as tokenizing the joined text at segment boundaries.
+    SentencePiece tokenizers with a dummy prefix (Llama 2, Mistral) start each segment with a
+    prefix-space piece; that is harmless because inference tokenizes the prompt the same way.
     """
     if not text:
         return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _special_splitter(tokenizer):
+    """A function that splits template text at special-token spellings: [text, id, text, id, ...].
+
+    Only template text goes through it (content never does). Like the tokenizer's own splitting,
+    a token marked lstrip / rstrip takes the whitespace on its left / right with it."""
+    specials = {a.content: (i, a.lstrip, a.rstrip) for i, a in tokenizer.added_tokens_decoder.items()
+                if a.special and a.content}
+    if not specials:
+        return lambda text: [text]
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+    def split(text: str) -> list:
+        parts: list = []
+        pos = 0
+        for m in pattern.finditer(text):
+            token_id, lstrip, rstrip = specials[m.group()]
+            before = text[pos:m.start()]
+            parts += [before.rstrip() if lstrip else before, token_id]
+            pos = m.end()
+            if rstrip:
+                pos = len(text) - len(text[pos:].lstrip())
+        return parts + [text[pos:]]
+
+    return split
 
 
 def _bos_policy(tokenizer) -> int | None:
@@ -107,6 +130,16 @@ def _bos_policy(tokenizer) -> int | None:
     if bos is not None and with_special[:1] == [bos] and without[:1] != [bos]:
         return bos
     return None
+
+
+def _prefix_length(seq: RenderedSequence) -> int:
+    """Tokens before the first trained one."""
+    return next((i for i, label in enumerate(seq.labels) if label != IGNORE), len(seq.labels))
+
+
+def _untrained_tail(seq: RenderedSequence) -> int:
+    """Untrained tokens after the last trained one (e.g. the newline after <|im_end|>)."""
+    return next((i for i, label in enumerate(reversed(seq.labels)) if label != IGNORE), 0)
 
 
 class Renderer:
@@ -123,23 +156,32 @@ class Renderer:
         else:
             self.template = ModelTemplate(tokenizer, saved.get("chat_template"))
         self.bos_id = _bos_policy(tokenizer)
+        self._split_specials = _special_splitter(tokenizer)
+        self._fixed_prefix: int | None = None
 
     # -- the one place where segments become ids and labels -------------------------------------
     def _tokenize(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
-        # Adjacent untrained text is joined first, so a prompt tokenizes exactly as it will at inference.
-        merged: list[Segment] = []
+        # Template text: its special-token spellings become ids (content's never do).
+        pieces: list[Segment] = []
         for seg in segments:
+            if seg.ids is not None or seg.content:
+                pieces.append(seg)
+                continue
+            for part in self._split_specials(seg.text):
+                pieces.append(Segment(ids=[part], trained=seg.trained) if isinstance(part, int)
+                              else Segment(part, trained=seg.trained))
+        # Adjacent untrained text is joined, so a prompt tokenizes exactly as it will at inference
+        # (and as tools that tokenize the rendered string do); trained text stays a segment of its own.
+        merged: list[Segment] = []
+        for seg in pieces:
             if seg.ids is None and not seg.trained and merged and merged[-1].ids is None and not merged[-1].trained:
                 merged[-1] = Segment(merged[-1].text + seg.text)
-            else:
+            elif seg.ids is not None or seg.text:
                 merged.append(seg)
         input_ids: list[int] = []
         labels: list[int] = []
         for seg in merged:
-            if seg.ids is not None:
-                ids = list(seg.ids)
-            else:
-                ids = _encode(self.tokenizer, seg.text)
+            ids = list(seg.ids) if seg.ids is not None else _encode(self.tokenizer, seg.text)
             input_ids.extend(ids)
             labels.extend(ids if seg.trained else [IGNORE] * len(ids))
         if self.bos_id is not None and input_ids[:1] != [self.bos_id]:
@@ -155,12 +197,48 @@ class Renderer:
         return RenderedSequence(ids, labels)
 
     def _render_training(self, record: dict, method: str, max_length: int | None):
-        seq = self.render_messages(training_messages(record, method))
+        """(sequence or None if nothing is left to train, response cut, instruction cut).
+
+        Truncation keeps the same response tokens under every method: the response gets what is
+        left of max_length after the longest prefix that has no instruction (rt-empty-user's); an
+        it sequence that is still too long loses the end of its instruction, never more response.
+        """
+        messages = training_messages(record, method)
+        seq = self.render_messages(messages)
         seq.id = str(record.get("id", ""))
-        truncated = max_length is not None and len(seq.input_ids) > max_length
-        if truncated:
-            seq.input_ids, seq.labels = seq.input_ids[:max_length], seq.labels[:max_length]
-        return (seq if seq.num_trained else None), truncated
+        if max_length is None:
+            return seq, False, False
+        prefix = _prefix_length(seq)
+        budget = max(0, max_length - self.fixed_prefix_length())  # response (and end) tokens kept
+        trained = len(seq.input_ids) - prefix - _untrained_tail(seq)
+        response_cut = trained > budget
+        keep = min(trained, budget)
+        instruction_cut = False
+        if prefix + keep > max_length:  # only it: cut the instruction until the prompt fits
+            seq = self._render_with_short_instruction(record, messages, max_length - keep)
+            prefix, instruction_cut = _prefix_length(seq), True
+        seq.input_ids, seq.labels = seq.input_ids[:prefix + keep], seq.labels[:prefix + keep]
+        return (seq if seq.num_trained else None), response_cut, instruction_cut
+
+    def fixed_prefix_length(self) -> int:
+        """Tokens before the response when there is no instruction to cut (rt-empty-user's prompt)."""
+        if self._fixed_prefix is None:
+            probe = self.render_messages(training_messages({"response": "x"}, "rt-empty-user"))
+            self._fixed_prefix = _prefix_length(probe)
+        return self._fixed_prefix
+
+    def _render_with_short_instruction(self, record: dict, messages: list[dict], max_prefix: int) -> RenderedSequence:
+        """The it sequence with its instruction cut, token by token from its end, until the prompt fits."""
+        instruction = messages[0]["content"]
+        pieces = _encode(self.tokenizer, instruction)
+        for n in range(len(pieces) - 1, -1, -1):
+            short = self.tokenizer.decode(pieces[:n]) if n else ""
+            seq = self.render_messages([{"role": "user", "content": short}, messages[1]])
+            if _prefix_length(seq) <= max_prefix:
+                seq.id = str(record.get("id", ""))
+                return seq
+        raise RtuneError(f"record {record.get('id', '?')!r}: the prompt does not fit max_length even without "
+                         "an instruction")
 
     def render_training(self, record: dict, method: str, max_length: int | None = None) -> RenderedSequence | None:
         """The training sequence of a record, truncated to max_length; None if nothing is left to train."""
@@ -171,8 +249,9 @@ class Renderer:
         stats = RenderStats(records=len(records))
         out = []
         for r in records:
-            seq, truncated = self._render_training(r, method, max_length)
+            seq, truncated, instruction_cut = self._render_training(r, method, max_length)
             stats.truncated += truncated
+            stats.instruction_truncated += instruction_cut
             if seq is None:
                 stats.dropped_nothing_trained += 1
                 continue
@@ -206,6 +285,14 @@ class Renderer:
         if eos is not None and eos not in ids:
             ids.append(eos)
         return ids
+
+    def chat_template(self) -> str:
+        """This renderer as a Jinja chat template, for tools that render and then tokenize a string.
+
+        transformers' apply_chat_template, vLLM and lm-evaluation-harness give rtune's ids for any
+        prompt and training pair, except for content that spells a special token: they tokenize the
+        rendered string, so such a spelling becomes the control token there (rtune keeps it text)."""
+        return self.template.jinja(with_bos=self.bos_id is not None)
 
     def to_dict(self) -> dict:
         """What a run folder stores, so that inference uses exactly the training template."""

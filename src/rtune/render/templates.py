@@ -1,15 +1,20 @@
 """Chat templates as segments: what a conversation looks like before it becomes token ids.
 
-A template turns messages into a list of `Segment`s, each a piece of text to tokenize or token ids
-to insert as they are, and each trained or not. `rtune.render.renderer` turns segments into ids and
-labels. Two templates:
+A template turns messages into a list of `Segment`s: template text, content (a message's text,
+from a user or a dataset), or token ids to insert as they are; each trained or not.
+`rtune.render.renderer` turns segments into ids and labels, parsing special-token spellings only in
+template text: content is always tokenized as plain text. Two templates:
 
     tulu   the paper's plain-text tags (<|user|>, <|assistant|>), the EOS id as the end token
-    model  the tokenizer's own chat template, decomposed into the same segments
+    model  the tokenizer's own chat template, with each message's content spliced in as content
+
+Each template also exports itself as a Jinja chat template (`jinja`), so plain transformers,
+vLLM and lm-evaluation-harness prompt an rtune model as rtune does.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from rtune.errors import RtuneError
@@ -25,11 +30,15 @@ TULU = {
 
 @dataclass
 class Segment:
-    """A piece of a rendered conversation: text to tokenize, or token ids to insert as they are."""
+    """A piece of a rendered conversation: text to tokenize, or token ids to insert as they are.
+
+    content: the text came from a user or a dataset, so special-token spellings in it stay text."""
 
     text: str = ""
     ids: list[int] | None = None
     trained: bool = False
+    content: bool = False
+
 
 class TuluTemplate:
     name = "tulu"
@@ -45,10 +54,10 @@ class TuluTemplate:
         out: list[Segment] = []
         for i, m in enumerate(messages):
             if m["role"] == "user":
-                out.append(Segment(s["user_header"] + m["content"] + s["user_end"]))
+                out += [Segment(s["user_header"]), Segment(m["content"], content=True), Segment(s["user_end"])]
             elif m["role"] == "assistant":
                 out.append(Segment(s["assistant_header"]))
-                out.append(Segment(m["content"], trained=True))
+                out.append(Segment(m["content"], trained=True, content=True))
                 out.append(Segment(ids=list(self.end_ids), trained=True))
                 if i + 1 < len(messages):
                     out.append(Segment(s["turn_sep"]))
@@ -63,22 +72,48 @@ class TuluTemplate:
         """Text that opens a new turn: generation stops there (a model running on into an invented dialogue)."""
         return [h.strip() for h in (self.strings["user_header"], self.strings["assistant_header"]) if h.strip()]
 
+    def jinja(self, with_bos: bool) -> str:
+        """The same format as a Jinja chat template (bos_token first when the renderer adds a BOS)."""
+        s = {k: "{{ " + json.dumps(v) + " }}" for k, v in self.strings.items()}  # literal text, escaped
+        return (
+            ("{{ bos_token }}" if with_bos else "")
+            + "{% for message in messages %}"
+            + "{% if message['role'] == 'user' %}" + s["user_header"] + "{{ message['content'] }}" + s["user_end"]
+            + "{% elif message['role'] == 'assistant' %}" + s["assistant_header"]
+            + "{{ message['content'] }}{{ eos_token }}{% if not loop.last %}" + s["turn_sep"] + "{% endif %}"
+            + "{% else %}{{ raise_exception('the tulu template has user and assistant turns only') }}{% endif %}"
+            + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + s["assistant_header"] + "{% endif %}"
+        )
+
     def to_dict(self) -> dict:
         return {"strings": self.strings}
 
 
-class ModelTemplate:
-    """The tokenizer's own chat template, decomposed into prompt / response / end segments.
+def _sentinel(i: int) -> str:
+    """Stands in for message i's content while the chat template renders (then content is spliced in)."""
+    return f"@@rtune-content-{i}@@"
 
-    For a conversation ending with an assistant turn, the template is rendered twice: the prompt
-    with the generation header, and the whole conversation. The whole must extend the prompt, the
-    extension must start with the response text verbatim, and what follows is the turn end: the
-    first special token in it is trained (e.g. <end_of_turn>, <|im_end|>), the rest is not.
-    For `rt` (no user turn) the assistant header is what the generation prompt adds after an empty
-    user turn; a default system prompt the template would add is not rendered.
+
+class ModelTemplate:
+    """The tokenizer's own chat template, decomposed into template text, content and end segments.
+
+    The template renders the conversation with a sentinel in place of each message's content; the
+    rendered text is split at the sentinels and each message's content is spliced back in as a
+    content segment, so special-token spellings in content never become control tokens. For a
+    conversation ending with an assistant turn, what follows its content is the turn end: the
+    first special token in it is trained (e.g. <end_of_turn>, <|im_end|>), along with any
+    whitespace before it; the rest is not. For `rt` (no user turn) the assistant header is what the
+    generation prompt adds after an empty user turn; a default system prompt is not rendered.
+
+    Templates that trim message content (Llama 3, Gemma: `content | trim`) would render a response
+    with surrounding whitespace differently from the response itself; under such a template every
+    message's content is trimmed before rendering (`self.trims`), which is exactly what the
+    template renders, so ordinary data never aborts a run.
     """
 
     name = "model"
+    stop_strings: list[str] = []  # the end-of-turn token(s) stop generation
 
     def __init__(self, tokenizer, chat_template: str | None = None):
         self.tok = tokenizer
@@ -88,55 +123,50 @@ class ModelTemplate:
                 "--template model: this tokenizer has no chat template (base models usually have none); "
                 "use --template tulu"
             )
-        self.specials = sorted(
-            {t for t in tokenizer.all_special_tokens if t} | set(getattr(tokenizer, "added_tokens_encoder", {})),
-            key=len,
-            reverse=True,
-        )
-        self.end_ids = self._end_ids()
+        self.specials = sorted({t for t in tokenizer.all_special_tokens if t}
+                               | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True)
+        self.trims = self._probe_trims()
+        self.end_ids, self.end_space, self.after_end = self._probe_end()
 
     def _apply(self, messages, add_generation_prompt: bool) -> str:
         try:
             return self.tok.apply_chat_template(
-                messages,
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
             )
         except Exception as e:  # jinja raises TemplateError, IndexError, ... for unsupported shapes
             raise RtuneError(f"--template model: the chat template cannot render {[m['role'] for m in messages]}: {e}")
 
-    def _split_end(self, rest: str) -> tuple[str, str]:
-        """Split the text after a response into (trained end marker, untrained remainder)."""
+    def _probe_trims(self) -> bool:
+        padded = f"  {_sentinel(1)}\n"
+        text = self._apply([{"role": "user", "content": "q"}, {"role": "assistant", "content": padded}], False)
+        return padded not in text and _sentinel(1) in text
+
+    def _split_end(self, rest: str) -> tuple[str, str, str]:
+        """Split the text after a response into (whitespace before the end marker, end marker, remainder)."""
         best = None
         for sp in self.specials:
             j = rest.find(sp)
             if j != -1 and (best is None or j < best[0]):
                 best = (j, sp)
         if best is None:
-            return "", rest
+            return "", "", rest
         j, sp = best
         if rest[:j].strip():
             raise RtuneError(f"--template model: unexpected text {rest[:j]!r} between the response and {sp!r}")
-        return rest[: j + len(sp)], rest[j + len(sp) :]
+        return rest[:j], sp, rest[j + len(sp):]
 
-    def _end_ids(self) -> list[int]:
-        probe = "rtune-probe-response"
-        user = [{"role": "user", "content": "q"}]
-        prompt = self._apply(user, True)
-        full = self._apply(user + [{"role": "assistant", "content": probe}], False)
-        if not full.startswith(prompt) or not full[len(prompt) :].startswith(probe):
-            raise RtuneError(
-                "--template model: the chat template does not render the assistant reply verbatim after "
-                "its generation prompt, so the loss mask cannot be built exactly; use --template tulu"
-            )
-        end, self.after_end = self._split_end(full[len(prompt) + len(probe) :])
-        ids = list(self.tok(end, add_special_tokens=False)["input_ids"]) if end else []
-        if not ids:
-            if self.tok.eos_token_id is None:
-                raise RtuneError("the tokenizer has no EOS token and its template no end-of-turn token")
-            ids = [self.tok.eos_token_id]
-        return ids
+    def _probe_end(self) -> tuple[list[int], str, str]:
+        """(end ids: the special token only, whitespace trained before it, untrained text after it)."""
+        text = self._apply([{"role": "user", "content": "q"}, {"role": "assistant", "content": _sentinel(1)}], False)
+        if text.count(_sentinel(1)) != 1:
+            raise RtuneError("--template model: the chat template does not render the assistant reply verbatim, "
+                             "so the loss mask cannot be built exactly; use --template tulu")
+        space, marker, after = self._split_end(text.split(_sentinel(1))[1])
+        if marker:
+            return [self.tok.convert_tokens_to_ids(marker)], space, after
+        if self.tok.eos_token_id is None:
+            raise RtuneError("the tokenizer has no EOS token and its template no end-of-turn token")
+        return [self.tok.eos_token_id], "", after
 
     def _assistant_header(self) -> str:
         empty = [{"role": "user", "content": ""}]
@@ -144,7 +174,23 @@ class ModelTemplate:
         without = self._apply(empty, False)
         if not with_header.startswith(without):
             raise RtuneError("--template model: cannot isolate the assistant header for --method rt")
-        return with_header[len(without) :]
+        return with_header[len(without):]
+
+    def _content(self, text: str) -> str:
+        return text.strip() if self.trims else text
+
+    def _spliced(self, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
+        """The template's rendering with each message's content spliced in as a content segment."""
+        stand_ins = [{**m, "content": _sentinel(i)} for i, m in enumerate(messages)]
+        text = self._apply(stand_ins, add_generation_prompt)
+        out: list[Segment] = []
+        for i, m in enumerate(messages):
+            before, found, text = text.partition(_sentinel(i))
+            if not found or _sentinel(i) in text:
+                raise RtuneError(f"--template model: the chat template does not render message {i}'s content "
+                                 "verbatim exactly once; use --template tulu")
+            out += [Segment(before), Segment(self._content(m["content"]), content=True)]
+        return out + [Segment(text)]
 
     def segments(self, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
         if messages and messages[0]["role"] == "assistant" and len(messages) == 1:
@@ -153,29 +199,25 @@ class ModelTemplate:
             bos = self.tok.bos_token
             textual_bos = bos and "bos_token" in self.chat_template and full_empty.startswith(bos)
             pre = bos if textual_bos else ""
-            return [
-                Segment(pre + self._assistant_header()),
-                Segment(messages[0]["content"], trained=True),
-                Segment(ids=list(self.end_ids), trained=True),
-                Segment(self.after_end),
-            ]
+            content = Segment(self._content(messages[0]["content"]), trained=True, content=True)
+            return [Segment(pre + self._assistant_header()), content, Segment(self.end_space, trained=True),
+                    Segment(ids=list(self.end_ids), trained=True), Segment(self.after_end)]
         if messages[-1]["role"] != "assistant" or add_generation_prompt:
-            return [Segment(self._apply(messages, add_generation_prompt))]
-        prompt = self._apply(messages[:-1], True)
-        full = self._apply(messages, False)
-        content = messages[-1]["content"]
-        if not full.startswith(prompt) or not full[len(prompt) :].startswith(content):
-            raise RtuneError(
-                "--template model: the chat template changes the response text (it may strip or rewrite it), "
-                "so the loss mask cannot be built exactly; use --template tulu"
-            )
-        _, remainder = self._split_end(full[len(prompt) + len(content) :])
-        segs = [Segment(prompt), Segment(content, trained=True), Segment(ids=list(self.end_ids), trained=True)]
-        if remainder:
-            segs.append(Segment(remainder))
-        return segs
+            return self._spliced(messages, add_generation_prompt)
+        # Training: the prompt must render exactly as at inference, then the response and the end.
+        segs = self._spliced(messages, False)
+        if [seg.text for seg in segs[:-2]] != [seg.text for seg in self._spliced(messages[:-1], True)]:
+            raise RtuneError("--template model: the chat template renders the prompt of a training example "
+                             "differently from the inference prompt; use --template tulu")
+        segs[-2].trained = True
+        space, marker, after = self._split_end(segs[-1].text)
+        if marker and [self.tok.convert_tokens_to_ids(marker)] != self.end_ids:
+            raise RtuneError(f"--template model: unexpected turn end {marker!r} after a response")
+        return segs[:-1] + [Segment(space, trained=True), Segment(ids=list(self.end_ids), trained=True),
+                            Segment(after)]
 
-    stop_strings: list[str] = []  # the end-of-turn token(s) stop generation
+    def jinja(self, with_bos: bool) -> str:
+        return self.chat_template
 
     def to_dict(self) -> dict:
         return {"chat_template": self.chat_template}

@@ -34,6 +34,12 @@ from rtune.train.config import TrainConfig
 CPU_TILE_BYTES = 8 * 2**20  # fp32 logits of one tile on CPU: stays in L2/L3 cache
 CPU_ROWS = 1024  # rows per chunk on CPU: each chunk reads the output weight twice
 GPU_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one row chunk (whole vocabulary) elsewhere
+# check_output_head: positions compared (cheap even for a 262k vocabulary), and how far apart the
+# losses may be. Measured: bf16 autocast rounding (Gemma's soft-cap, done in bf16 by the model)
+# moves the sum of 128 positions by up to 2e-3; a logit scale of 1/8 moves it by 10% (tiny random
+# models) to over 100% (trained ones).
+HEAD_CHECK_TOKENS = 256
+HEAD_CHECK_RTOL = 1e-2
 
 
 def tiling(n_rows: int, vocab: int, device_type: str, rows: int = 0) -> tuple[int, int]:
@@ -220,7 +226,32 @@ class LossModel(torch.nn.Module):
         self.impl, self.chunk = config.loss_impl, config.loss_chunk
         self.device_type, self.bf16 = device.type, config.precision == "bf16"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], impl: str | None = None) -> torch.Tensor:
         # bf16 is our own autocast (fp32 master weights, loss in fp32); see rtune.train.recipe.
         autocast = torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
-        return token_loss_sum(self.model, batch, autocast, self.impl, self.chunk)
+        return token_loss_sum(self.model, batch, autocast, impl or self.impl, self.chunk)
+
+
+def check_output_head(loss_model, model, batch: dict[str, torch.Tensor]) -> str | None:
+    """Why the chunked loss is not `model`'s own loss on `batch`, or None when it is.
+
+    The chunked loss re-implements the output layer (hidden states @ output weight, Gemma's
+    soft-cap). A head that also scales its logits (Granite's logits_scaling, Cohere's logit_scale,
+    Falcon-H1's lm_head_multiplier) would silently train another objective, so both losses are
+    compared once on a real batch. `loss_model` is the LossModel as accelerate wrapped it, called
+    through its wrapper (FSDP2 gathers the sharded weights in it): every process calls this alike.
+    """
+    if causal_lm_parts(model) is None:
+        return "the model has no separate output layer for the chunked loss"
+    was_training = loss_model.training
+    loss_model.eval()  # no dropout: both losses see the same function, and no random numbers are drawn
+    try:
+        with torch.no_grad():
+            chunked, full = (float(loss_model(batch, impl=impl)) for impl in ("chunked", "full"))
+    finally:
+        loss_model.train(was_training)
+    if abs(chunked - full) <= HEAD_CHECK_RTOL * abs(full):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (f"{type(base).__name__}: the chunked loss ({chunked:.4f}) differs from the model's own "
+            f"({full:.4f}); its output layer must do more than a matmul (a logit scale?)")

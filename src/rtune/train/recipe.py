@@ -21,7 +21,8 @@ tokens more than a long one's and make the result depend on how the step is spli
 
 Speed without changing what is trained (rtune.train.loss, rtune.train.batching): the output layer
 runs only on positions whose next token is trained, in chunks, so the [tokens x vocabulary] logits
-never exist at once (loss_impl "chunked", the default); `packing` feeds each micro-batch as one
+never exist at once (loss_impl "chunked", the default; checked once per run against the model's own
+loss, which is used instead where they differ: `choose_loss_impl`); `packing` feeds each micro-batch as one
 padding-free row; `group_by_length` makes padded batches nearly padding-free instead; gradient
 checkpointing and torch.compile are options. All of them leave the optimiser steps and their loss
 unchanged up to float rounding (tests/train/test_packing.py).
@@ -64,7 +65,7 @@ from rtune.train.checkpoint import (
 )
 from rtune.train.config import TrainConfig, config_differences, config_from_dict, config_to_yaml, load_config
 from rtune.train.distributed import check_distributed, gather_state, restore_state
-from rtune.train.loss import LossModel
+from rtune.train.loss import HEAD_CHECK_TOKENS, LossModel, check_output_head
 from rtune.train.model import (
     build_model,
     check_hardware,
@@ -100,6 +101,7 @@ class Data:
     """The rendered training set and the step plan derived from it."""
 
     tokenizer: object
+    renderer: object
     seqs: list
     lengths: list[int]
     n_trained: list[int]  # trained tokens per sequence
@@ -237,7 +239,8 @@ def prepare_data(job: Job, model_spec: str, data_path: str | os.PathLike) -> tup
     total_steps = math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    data = Data(tokenizer, seqs, [len(s.input_ids) for s in seqs], n_trained, pad_id, steps_per_epoch, total_steps)
+    data = Data(tokenizer, renderer, seqs, [len(s.input_ids) for s in seqs], n_trained, pad_id, steps_per_epoch,
+                total_steps)
 
     info = {
         "format": "rtune-run",
@@ -319,11 +322,37 @@ def setup_model(job: Job, data: Data, model_spec: str, info: dict) -> Trainee:
     optimizer = make_optimizer(list(params.values()), config)
     loss_model, optimizer = job.accelerator.prepare(LossModel(model, config, job.device), optimizer)
     unwrapped = job.accelerator.unwrap_model(loss_model).model
+    info["training"]["loss_impl"], why = choose_loss_impl(job, data, loss_model, unwrapped)
+    if why:
+        info["training"]["loss_impl_reason"] = why
     if job.main:
         clean_staging(job.run_dir)
-        run_folder.write_run_header(job.run_dir, info, config_to_yaml(config), data.tokenizer)
+        run_folder.write_run_header(job.run_dir, info, config_to_yaml(config), data.tokenizer, data.renderer)
     job.wait()
     return Trainee(loss_model, unwrapped, optimizer, trainable_parameters(unwrapped))
+
+
+def choose_loss_impl(job: Job, data: Data, loss_model, model) -> tuple[str, str | None]:
+    """(the loss this run trains with, why it is not config.loss_impl or None).
+
+    The chunked loss only where it equals the model's own (rtune.train.loss.check_output_head),
+    else the full one, set on the LossModel; config.loss_impl stays as asked, so that a resumed
+    run compares equal and checks again (the same sequence, the same answer)."""
+    config = job.config
+    if config.loss_impl == "full":
+        return "full", None
+    first = data.seqs[plan_steps(data.lengths, config, 0, job.world_size)[0][0][0]]
+    # Every position trained, so that a long prompt still leaves positions to compare.
+    ids = list(first.input_ids[:HEAD_CHECK_TOKENS])
+    seq = {"input_ids": ids, "labels": ids}
+    batch = collate_packed([seq]) if config.packing else collate_padded([seq], data.pad_id)
+    why = check_output_head(loss_model, model, {k: v.to(job.device) for k, v in batch.items()})
+    if why is None:
+        return "chunked", None
+    job.accelerator.unwrap_model(loss_model).impl = "full"
+    if job.main:
+        log.warning("%s: training with the model's own loss (loss_impl full) instead", why)
+    return "full", why
 
 
 def resume_state(job: Job, trainee: Trainee, info: dict, data: Data) -> Progress:
