@@ -104,9 +104,21 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, alpaca_file, tiny_model_pa
     code, _, err = run_cli(capsys, "generate", run, "--prompts", heldout, "--out", tmp_path / "x.jsonl", "--template", "model")
     assert code == 2 and "tulu" in err and not (tmp_path / "x.jsonl").exists()
 
-    # inspect through the run folder uses the run's template.
-    code, out, _ = run_cli(capsys, "data", "inspect", train_file, "--model", run, "--method", "it", "--json")
-    assert code == 0 and json.loads(out)["trained_text"] == record["response"] + "<eos>"
+    # inspect through the run folder, or the merged folder, uses the run's template.
+    for folder in (run, merged):
+        code, out, _ = run_cli(capsys, "data", "inspect", train_file, "--model", folder, "--method", "it", "--json")
+        assert code == 0 and json.loads(out)["trained_text"] == record["response"] + "<eos>"
+
+    # Plain transformers prompts the merged model exactly as rtune does (the exported chat template).
+    from transformers import AutoTokenizer
+
+    from rtune.infer.load import load_renderer
+
+    plain, renderer = AutoTokenizer.from_pretrained(merged), load_renderer(merged)
+    for r in read_jsonl(heldout) + read_jsonl(train_file):
+        messages = [{"role": "user", "content": r["instruction"]}]
+        ids = plain.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert list(ids) == renderer.render_prompt(r["instruction"])
 
 
 def test_bad_data_file_is_a_clear_error_and_writes_nothing(tmp_path, capsys):

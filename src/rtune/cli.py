@@ -62,12 +62,24 @@ def cmd_data_inspect(a) -> None:
     seq = renderer.render_training(records[a.index], a.method, a.max_length)
     if seq is None:
         raise RtuneError(f"{a.file}: record {a.index} has nothing left to train at --max-length {a.max_length}")
+    # With --max-length: what truncation does to the whole file, per method (the same responses are kept).
+    counts = None
+    if a.max_length is not None:
+        from rtune.render import METHODS
+
+        counts = {m: renderer.render_dataset(records, m, a.max_length)[1].as_dict() for m in METHODS
+                  if m == a.method or not (m == "it" and not all(r["instruction"].strip() for r in records))}
     if a.json:
-        print(json.dumps(describe(renderer, seq), ensure_ascii=False))
+        print(json.dumps({**describe(renderer, seq), **({"file_counts": counts} if counts else {})},
+                         ensure_ascii=False))
     else:
         color = sys.stdout.isatty() if a.color == "auto" else a.color == "always"
         print(visualize(renderer, seq, color=color))
         print(f"\n[{a.method}] {len(seq.input_ids)} tokens, {seq.num_trained} trained (highlighted)", file=sys.stderr)
+        for method, c in (counts or {}).items():
+            print(f"[{method}] {a.file} at --max-length {a.max_length}: {c['rendered']} of {c['records']} records "
+                  f"trained, {c['truncated']} responses cut, {c['instruction_truncated']} instructions cut, "
+                  f"{c['dropped_nothing_trained']} dropped", file=sys.stderr)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -116,6 +128,11 @@ def _add_generation_flags(p) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--stop", action="append", default=None, metavar="STRING",
+        help="also end a reply at this text, which is cut off (repeatable; taken literally: in bash, $'\\n\\n' "
+        "is a blank line); the template's next-turn headers (tulu: <|user|>, <|assistant|>) always stop it",
+    )  # fmt: skip
 
 
 def _generation_config(a):
@@ -132,6 +149,7 @@ def _generation_config(a):
     }
     config = GenerationConfig(**{k: v for k, v in values.items() if v is not None})
     config.do_sample = a.sample
+    config.stop = list(a.stop or [])
     return config
 
 

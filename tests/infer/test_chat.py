@@ -118,6 +118,92 @@ def test_context_full_drops_oldest_exchange(model, tiny_tokenizer, monkeypatch):
     assert renderer.rendered[-1] == [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 
+class _Script:
+    """Make the model write exactly `ids` (then EOS) while registered."""
+
+    def __init__(self, model, ids, eos_id):
+        self.model, self.ids = model, list(ids) + [eos_id]
+
+    def __enter__(self):
+        step = {"n": 0}
+
+        def hook(module, args, kwargs, output):
+            if kwargs["input_ids"].shape[1] > 1:  # a new prompt: the script starts over
+                step["n"] = 0
+            output.logits[:, -1, self.ids[min(step["n"], len(self.ids) - 1)]] += 1e4
+            step["n"] += 1
+            return output
+
+        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_reply_ends_at_a_stop_string(model, tiny_tokenizer, stream):
+    # The model runs on into an invented next turn: neither the screen nor the history shows it.
+    script = tiny_tokenizer("Sure thing.\n<|user|>\nAnd more", add_special_tokens=False)["input_ids"]
+    out = io.StringIO()
+    with _Script(model, script, tiny_tokenizer.eos_token_id):
+        history = chat_loop(model, tiny_tokenizer, Renderer(tiny_tokenizer), config=GenerationConfig(max_new_tokens=40),
+                            input_fn=scripted(["Hi"]), output=out, stream=stream)  # fmt: skip
+    assert history[1] == {"role": "assistant", "content": "Sure thing."}
+    # Exactly the reply on screen: no stop text, no newline held back from before it, no "[reply cut".
+    assert out.getvalue() == "rtune chat: type a message, /help for commands\nSure thing.\n\n"
+
+
+def test_user_stop_in_chat(model, tiny_tokenizer):
+    script = tiny_tokenizer("Eat well. Third. More", add_special_tokens=False)["input_ids"]
+    out = io.StringIO()
+    with _Script(model, script, tiny_tokenizer.eos_token_id):
+        history = chat_loop(model, tiny_tokenizer, Renderer(tiny_tokenizer),
+                            config=GenerationConfig(max_new_tokens=40, stop=["Third"]), input_fn=scripted(["Hi"]),
+                            output=out)  # fmt: skip
+    assert history[1]["content"] == "Eat well." and "Eat well.\n" in out.getvalue() and "Th" not in out.getvalue()
+
+
+def test_streamer_holds_back_a_possible_stop():
+    out = io.StringIO()
+    s = chat_mod._Streamer(None, out, ["<|user|>", "STOP"])
+    shown = []
+    for piece in ["Sure", " thing.", "\n", "<", "|us", "er|", ">\nAnd", " more"]:
+        s.on_finalized_text(piece)
+        shown.append(out.getvalue())
+    s.on_finalized_text("", stream_end=True)
+    # "\n" and every prefix of "<|user|>" wait; at the stop the reply ends, the newline before it cut too.
+    assert shown == ["Sure", "Sure thing.", "Sure thing.", "Sure thing.", "Sure thing.", "Sure thing.",
+                     "Sure thing.", "Sure thing."]  # fmt: skip
+
+    out = io.StringIO()
+    s = chat_mod._Streamer(None, out, ["<|user|>", "STOP"])
+    shown = []
+    for piece in ["a <", "|x", " ST", "OP!", " b"]:
+        s.on_finalized_text(piece)
+        shown.append(out.getvalue())
+    # A held-back tail that turns out not to be a stop is shown; "ST" waits, then "STOP" ends the reply.
+    assert shown == ["a", "a <|x", "a <|x", "a <|x", "a <|x"]
+
+    out = io.StringIO()
+    s = chat_mod._Streamer(None, out, ["STOP"])
+    for piece in ["tail ", "ST"]:
+        s.on_finalized_text(piece)
+    assert out.getvalue() == "tail"
+    s.on_finalized_text("", stream_end=True)  # no stop came: the held-back text is shown at the end
+    assert out.getvalue() == "tail ST"
+
+
+def test_cli_chat_stop_flags(monkeypatch, capsys):
+    from rtune.cli import main
+
+    seen = []
+    monkeypatch.setattr(chat_mod, "chat", lambda model, template=None, config=None: seen.append((model, config)))
+    assert main(["chat", "runs/rt", "--stop", "###", "--stop", "\n\n", "--max-new-tokens", "7"]) == 0
+    assert main(["chat", "runs/rt"]) == 0
+    assert [(m, c.stop, c.max_new_tokens) for m, c in seen] == [("runs/rt", ["###", "\n\n"], 7), ("runs/rt", [], 512)]
+
+
 def test_chat_loads_then_loops(monkeypatch, model, tiny_tokenizer):
     seen = []
 

@@ -49,6 +49,35 @@ def _force(model, token_id: int, only_padded_rows: bool = False):
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
+class _Script:
+    """Make the model generate exactly `ids` (then EOS), counting the forward passes (one per
+    generated token), while registered: `with _Script(model, ids) as script: ...`."""
+
+    def __init__(self, model, ids: list[int], eos_id: int):
+        self.model, self.ids, self.calls = model, list(ids) + [eos_id], 0
+
+    def __enter__(self):
+        step = {"n": 0}
+
+        def hook(module, args, kwargs, output):
+            if kwargs["input_ids"].shape[1] > 1:  # a new prompt (prefill): the script starts over
+                step["n"] = 0
+            output.logits[:, -1, self.ids[min(step["n"], len(self.ids) - 1)]] += 1e4
+            step["n"] += 1
+            self.calls += 1
+            return output
+
+        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_equals_one_at_a_time(arch, llama, tiny_tokenizer, renderer):
     model = llama if arch == "llama" else tiny.tiny_gpt2(tiny_tokenizer)
@@ -72,6 +101,7 @@ def test_stops_at_eos(llama, tiny_tokenizer, renderer):
     finally:
         handle.remove()
     assert out[0].finished and out[0].token_ids == [] and out[0].text == "" and out[0].num_tokens == 0
+    assert out[0].finish_reason == "eos"
 
 
 def test_stops_at_any_stop_id(llama, tiny_tokenizer, renderer):
@@ -83,12 +113,13 @@ def test_stops_at_any_stop_id(llama, tiny_tokenizer, renderer):
         out = generate_ids(llama, tiny_tokenizer, stub, [renderer.render_prompt("Hi")], GenerationConfig(max_new_tokens=8))
     finally:
         handle.remove()
-    assert out[0].finished and out[0].token_ids == []
+    assert out[0].finished and out[0].token_ids == [] and out[0].finish_reason == "eos"
 
 
 def test_hits_max_new_tokens(llama, tiny_tokenizer, renderer):
     out = generate_ids(llama, tiny_tokenizer, renderer, [renderer.render_prompt("Hi")], GenerationConfig(max_new_tokens=5))
     assert not out[0].finished and out[0].num_tokens == 5 and tiny_tokenizer.eos_token_id not in out[0].token_ids
+    assert out[0].finish_reason == "length"
 
 
 def test_mixed_batch_strips_padding_after_stop(llama, tiny_tokenizer, renderer):
@@ -99,8 +130,118 @@ def test_mixed_batch_strips_padding_after_stop(llama, tiny_tokenizer, renderer):
         short, long = generate_ids(llama, tiny_tokenizer, renderer, prompts, GenerationConfig(max_new_tokens=6))
     finally:
         handle.remove()
-    assert short.finished and short.token_ids == [] and short.text == ""
-    assert not long.finished and long.num_tokens == 6
+    assert short.finished and short.token_ids == [] and short.text == "" and short.finish_reason == "eos"
+    assert not long.finished and long.num_tokens == 6 and long.finish_reason == "length"
+
+
+# -- stop strings -----------------------------------------------------------------------------------
+def test_template_stop_string_cuts_an_invented_next_turn(llama, tiny_tokenizer, renderer):
+    # A base model under the tulu format runs on into "\n<|user|>\n...": the reply ends before it.
+    script = _ids(tiny_tokenizer, "Sure thing.\n<|user|>\nAnd more")
+    assert len(_ids(tiny_tokenizer, "<|user|>")) > 1  # a stop string spanning several tokens
+    prompt = renderer.render_prompt("Hi")
+    with _Script(llama, script, tiny_tokenizer.eos_token_id) as s:
+        (out,) = generate_ids(llama, tiny_tokenizer, renderer, [prompt], GenerationConfig(max_new_tokens=40))
+    assert out.text == "Sure thing." and out.finish_reason == "stop" and out.finished
+    kept = _ids(tiny_tokenizer, "Sure thing.")
+    assert out.token_ids == script[: len(kept)] == kept and out.num_tokens == len(kept)
+    # HF stopped at the token that completes "<|user|>" (the "\n" after it was never generated).
+    assert s.calls == len(_ids(tiny_tokenizer, "Sure thing.\n<|user|>"))
+    # The "model" template has no stop strings: the same script then runs on to EOS.
+    with _Script(llama, script, tiny_tokenizer.eos_token_id):
+        stub = types.SimpleNamespace(stop_ids=renderer.stop_ids, stop_strings=[])
+        (plain,) = generate_ids(llama, tiny_tokenizer, stub, [prompt], GenerationConfig(max_new_tokens=40))
+    assert plain.text == "Sure thing.\n<|user|>\nAnd more" and plain.finish_reason == "eos"
+
+
+@pytest.mark.parametrize(
+    "stop, kept_text, kept_tokens",
+    [
+        ("Third", "Eat well.", 3),  # the space before the stop is cut with it
+        ("hird", "Eat well. T", 4),  # the token " Third" holds kept text and the stop's start: it is kept
+        (".", "Eat well", 2),  # the earliest occurrence counts
+    ],
+)
+def test_user_stop_cut_and_tokens(llama, tiny_tokenizer, renderer, stop, kept_text, kept_tokens):
+    script = _ids(tiny_tokenizer, "Eat well. Third.")
+    assert [tiny_tokenizer.decode([t]) for t in script] == ["Eat", " well", ".", " Third", "."]
+    with _Script(llama, script, tiny_tokenizer.eos_token_id):
+        (out,) = generate_ids(llama, tiny_tokenizer, renderer, [renderer.render_prompt("Hi")],
+                              GenerationConfig(max_new_tokens=20, stop=[stop]))  # fmt: skip
+    assert (out.text, out.finish_reason) == (kept_text, "stop")
+    assert out.token_ids == script[:kept_tokens] and out.num_tokens == kept_tokens
+
+
+def test_stop_string_does_not_begin_in_the_prompt(llama, tiny_tokenizer, renderer):
+    # The prompt ends with "\n"; a reply "\n\n" stops at a blank line of its own, not at its first "\n"
+    # (HF's stock stop_strings matches across the prompt boundary and would stop after one token).
+    prompt = renderer.render_prompt("Hi")
+    assert tiny_tokenizer.decode(prompt).endswith("\n")
+    nl = _ids(tiny_tokenizer, "\n")
+    with _Script(llama, nl * 5 + _ids(tiny_tokenizer, "x"), tiny_tokenizer.eos_token_id) as s:
+        (out,) = generate_ids(llama, tiny_tokenizer, renderer, [prompt],
+                              GenerationConfig(max_new_tokens=20, stop=["\n\n"]))  # fmt: skip
+    assert s.calls == 2 and out.finish_reason == "stop" and out.text == "" and out.num_tokens == 0
+
+
+def test_special_token_stop_string(llama, tiny_tokenizer, renderer):
+    # A stop string that is a special token (skipped when decoding) is matched as a token id.
+    bos = tiny_tokenizer.convert_tokens_to_ids("<bos>")
+    script = _ids(tiny_tokenizer, "Eat well.") + [bos] + _ids(tiny_tokenizer, "x")
+    prompt = renderer.render_prompt("Hi")
+    with _Script(llama, script, tiny_tokenizer.eos_token_id):
+        (out,) = generate_ids(llama, tiny_tokenizer, renderer, [prompt],
+                              GenerationConfig(max_new_tokens=20, stop=["<bos>"]))  # fmt: skip
+        (plain,) = generate_ids(llama, tiny_tokenizer, renderer, [prompt], GenerationConfig(max_new_tokens=20))
+    assert (out.text, out.finish_reason, out.token_ids) == ("Eat well.", "stop", script[:3])
+    assert (plain.text, plain.finish_reason) == ("Eat well.x", "eos")
+
+
+def test_bad_stop_strings(llama, tiny_tokenizer, renderer):
+    for bad in ([""], [None]):
+        with pytest.raises(RtuneError, match="stop strings"):
+            generate_ids(llama, tiny_tokenizer, renderer, [[1, 2]], GenerationConfig(stop=bad))
+
+
+def _stops_from(tokenizer, gens, want=2, width=3) -> dict[int, str]:
+    """Stop strings for `want` rows: the text of `width` greedy tokens of the row, past its first
+    quarter, that appears nowhere earlier in its reply (so the row stops there, over several tokens)."""
+    stops = {}
+    for row, g in enumerate(gens):
+        ids = g.token_ids
+        for k in range(len(ids) // 4, len(ids) - width):
+            before, piece = tokenizer.decode(ids[:k]), tokenizer.decode(ids[k : k + width])
+            text = tokenizer.decode(ids[: k + width])  # the random model writes broken UTF-8 too: avoid it
+            if piece.strip() and "\ufffd" not in piece and text == before + piece and text.find(piece) == len(before):
+                stops[row] = piece
+                break
+        if len(stops) == want:
+            return stops
+    raise AssertionError(f"no stop strings found in {gens}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_equals_one_at_a_time_with_stops(arch, llama, tiny_tokenizer, renderer):
+    model = llama if arch == "llama" else tiny.tiny_gpt2(tiny_tokenizer)
+    prompts = [renderer.render_prompt(x) for x in INSTRUCTIONS]
+    free = generate_ids(model, tiny_tokenizer, renderer, prompts, GenerationConfig(max_new_tokens=24, batch_size=8))
+    stops = _stops_from(tiny_tokenizer, free)
+    config = GenerationConfig(max_new_tokens=24, batch_size=3, stop=list(stops.values()))
+    batched = generate_ids(model, tiny_tokenizer, renderer, prompts, config)
+    alone = [generate_ids(model, tiny_tokenizer, renderer, [p], config)[0] for p in prompts]
+    def key(gens):
+        return [(g.text, g.token_ids, g.finish_reason) for g in gens]
+
+    assert key(batched) == key(alone)
+    config.batch_size = 8
+    whole = generate_ids(model, tiny_tokenizer, renderer, prompts, config)
+    assert key(whole) == key(alone)
+    # The stops took effect: their rows end early, each with a prefix of its free-running reply.
+    for row in stops:
+        assert batched[row].finish_reason == "stop" and batched[row].num_tokens < free[row].num_tokens
+        assert free[row].text.startswith(batched[row].text)
+        assert batched[row].token_ids == free[row].token_ids[: batched[row].num_tokens]
+    assert "length" in [g.finish_reason for g in batched]
 
 
 def test_sampling_is_seeded(llama, tiny_tokenizer, renderer):
@@ -181,14 +322,44 @@ def test_generate_file_jsonl(tmp_path, loaded, llama, tiny_tokenizer, renderer):
     got = _read(out)
     assert [r["id"] for r in got] == ["q0", "q1", "7", "q3", "q4"]
     assert [r["instruction"] for r in got] == INSTRUCTIONS
-    assert set(got[0]) == {"id", "instruction", "output", "finished", "num_tokens", "generator"}
+    assert set(got[0]) == {"id", "instruction", "output", "finished", "finish_reason", "num_tokens", "generator"}
     assert all(r["generator"] == "model" and r["num_tokens"] == 6 and r["finished"] is False for r in got)
+    assert all(r["finish_reason"] == "length" for r in got)
     expected = generate_ids(llama, tiny_tokenizer, renderer, [renderer.render_prompt(INSTRUCTIONS[1])],
                             GenerationConfig(max_new_tokens=6))  # fmt: skip
     assert got[1]["output"] == expected[0].text
     assert summary["count"] == 5 and summary["finished_share"] == 0.0 and summary["mean_tokens"] == 6.0
+    assert summary["finish_reasons"] == {"eos": 0, "stop": 0, "length": 5}
     assert summary["seconds"] >= 0 and "prompts_per_s" in summary
     assert loaded == [("some/model", None)]
+
+
+def test_cli_generate_stop(tmp_path, capsys, tiny_model_path, llama, tiny_tokenizer, renderer):
+    # `rtune generate --stop` (repeatable) on the real tiny model folder: rows cut at the user's stops.
+    from rtune.cli import main
+
+    prompts = [renderer.render_prompt(x) for x in INSTRUCTIONS]
+    free = generate_ids(llama, tiny_tokenizer, renderer, prompts, GenerationConfig(max_new_tokens=24))
+    stops = _stops_from(tiny_tokenizer, free)
+    config = GenerationConfig(max_new_tokens=24, stop=list(stops.values()))
+    expected = generate_ids(llama, tiny_tokenizer, renderer, prompts, config)
+    path = _jsonl(tmp_path / "p.jsonl", [{"id": str(i), "instruction": x} for i, x in enumerate(INSTRUCTIONS)])
+    out = tmp_path / "g.jsonl"
+    argv = ["generate", str(tiny_model_path), "--prompts", str(path), "--out", str(out), "--max-new-tokens", "24"]
+    for stop in stops.values():
+        argv += ["--stop", stop]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    got = _read(out)
+    assert [(r["output"], r["finish_reason"], r["num_tokens"], r["finished"]) for r in got] == [
+        (g.text, g.finish_reason, g.num_tokens, g.finished) for g in expected
+    ]
+    for row, stop in stops.items():
+        text = free[row].text
+        assert got[row]["finish_reason"] == "stop" and got[row]["output"] == text[: text.find(stop)].rstrip()
+    reasons = [r["finish_reason"] for r in got]
+    assert summary["finish_reasons"] == {k: reasons.count(k) for k in ("eos", "stop", "length")}
+    assert summary["finished_share"] == (len(got) - reasons.count("length")) / len(got)
 
 
 def test_generate_file_txt_and_json(tmp_path, loaded):

@@ -11,7 +11,7 @@ import sys
 
 from transformers import TextStreamer
 
-from rtune.infer.generate import GenerationConfig, generate_ids
+from rtune.infer.generate import GenerationConfig, generate_ids, reply_stop_strings
 from rtune.infer.load import load_for_inference
 
 HELP = """commands:
@@ -21,16 +21,43 @@ HELP = """commands:
 
 
 class _Streamer(TextStreamer):
-    """TextStreamer that writes to `output` instead of printing to stdout."""
+    """TextStreamer that writes to `output` instead of printing to stdout, and never shows a stop string.
 
-    def __init__(self, tokenizer, output):
+    It holds back the tail of the text that could still begin a stop string (with the whitespace
+    before it, which the cut removes too) and ends the reply where a stop string begins, so what is
+    shown is exactly the reply generate_ids returns.
+    """
+
+    def __init__(self, tokenizer, output, stop_strings: list[str] = ()):
         # skip_prompt: only the reply is shown; skip_special_tokens hides the stop token.
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.output = output
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending = ""  # received, not yet shown
+        self.stopped = False
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
-        self.output.write(text)
-        self.output.flush()
+        if self.stopped:
+            return
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
+        if found:
+            shown, self.pending, self.stopped = self.pending[: min(found)].rstrip(), "", True
+        elif stream_end or not self.stop_strings:
+            shown, self.pending = self.pending, ""
+        else:
+            cut = len(self.pending) - _stop_prefix_len(self.pending, self.stop_strings)
+            while cut > 0 and self.pending[cut - 1].isspace():
+                cut -= 1
+            shown, self.pending = self.pending[:cut], self.pending[cut:]
+        if shown:
+            self.output.write(shown)
+            self.output.flush()
+
+
+def _stop_prefix_len(text: str, stop_strings: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (0: none)."""
+    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _fit_context(model, renderer, history: list[dict], max_new_tokens: int, output) -> list[int]:
@@ -80,7 +107,7 @@ def chat_loop(
 
         history.append({"role": "user", "content": line})
         prompt = _fit_context(model, renderer, history, config.max_new_tokens, output)
-        streamer = _Streamer(tokenizer, output) if stream else None
+        streamer = _Streamer(tokenizer, output, reply_stop_strings(renderer, config)) if stream else None
         try:
             (reply,) = generate_ids(model, tokenizer, renderer, [prompt], config, streamer=streamer)
         except KeyboardInterrupt:

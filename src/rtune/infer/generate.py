@@ -8,11 +8,20 @@ and a tiny GPT-2, whose learned absolute positions would expose wrong position i
 
 Every generation setting is passed explicitly: a checkpoint's own generation_config.json (often
 sampling with a temperature) never leaks into greedy evaluation runs.
+
+A reply ends at a stop id (EOS, end of turn: finish_reason "eos"), at a stop string (the renderer's
+next-turn headers such as "<|user|>", plus `GenerationConfig.stop`: "stop"), or at max_new_tokens
+("length"). Stop strings use HF's StopStringCriteria, so each row of a batch stops on its own, but
+only on the generated tokens: HF's stock `stop_strings` also matches a stop string that begins in the
+prompt (with a prompt ending in a newline, a blank-line stop fires after one generated newline). The
+text is then cut at the earliest stop string, with the whitespace before it.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +43,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     batch_size: int = 8
     seed: int = 0
+    stop: list[str] = field(default_factory=list)  # extra stop strings; the renderer's own always apply
 
     def check(self) -> "GenerationConfig":
         if self.max_new_tokens < 1:
@@ -48,25 +58,110 @@ class GenerationConfig:
             raise RtuneError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise RtuneError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise RtuneError(f"stop strings must be non-empty text, got {s!r}")
         return self
+
+
+FINISH_REASONS = ("eos", "stop", "length")
 
 
 @dataclass
 class Generation:
-    text: str  # decoded reply, stop token excluded, special tokens skipped
-    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
-    finished: bool = False  # True iff the model emitted a stop id (False: cut at max_new_tokens)
+    # Decoded reply, special tokens skipped, ending before the stop: a stop id, or a stop string
+    # (removed with the whitespace before it).
+    text: str
+    # Generated ids up to the stop: a stop id is excluded; for a stop string, the ids up to the one
+    # that completes `text` (that one may also hold the start of the stop string, e.g. "\n<|").
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos": a stop id; "stop": a stop string; "length": max_new_tokens
     num_tokens: int = 0  # len(token_ids)
+
+    @property
+    def finished(self) -> bool:
+        """True unless the reply was cut at max_new_tokens."""
+        return self.finish_reason != "length"
+
+
+# -- stops ------------------------------------------------------------------------------------------
+def reply_stop_strings(renderer, config: GenerationConfig) -> list[str]:
+    """The renderer's stop strings (next-turn headers) and the user's, without duplicates."""
+    strings = list(getattr(renderer, "stop_strings", [])) + list(config.stop)
+    return list(dict.fromkeys(s for s in strings if s))
+
+
+class _Stops:
+    """What ends a reply: stop ids (finish "eos") and stop strings (finish "stop").
+
+    A stop string that is a special token (e.g. "<|user|>" added as one) is matched as an id:
+    decoding skips special tokens, so it could not be found in the text.
+    """
+
+    def __init__(self, tokenizer, renderer, config: GenerationConfig):
+        self.eos_ids = list(renderer.stop_ids)
+        strings = reply_stop_strings(renderer, config)
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special = {t.content: i for i, t in decoder.items() if getattr(t, "special", False)}
+        self.string_ids = [special[s] for s in strings if s in special and special[s] not in self.eos_ids]
+        self.strings = [s for s in strings if s not in special]
+        self.all_ids = self.eos_ids + self.string_ids
+        self.matcher = _stop_string_matcher(tokenizer, tuple(self.strings)) if self.strings else None
+
+    def criteria(self, prompt_width: int):
+        from transformers import StoppingCriteriaList
+
+        return StoppingCriteriaList([_ReplyStopStrings(self.matcher, prompt_width)] if self.matcher else [])
+
+
+# HF's StopStringCriteria scans the whole vocabulary when built (about 3 s for Gemma's 262k tokens). HF
+# caches it keyed by the get_vocab() order, which varies from call to call for fast tokenizers, so its
+# cache never hits; this one is keyed by the tokenizer object (a chat builds it once, not every turn).
+_MATCHERS: OrderedDict = OrderedDict()
+
+
+def _stop_string_matcher(tokenizer, strings: tuple[str, ...]):
+    from transformers import StopStringCriteria
+
+    key = (id(tokenizer), len(tokenizer), strings)
+    hit = _MATCHERS.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        _MATCHERS.move_to_end(key)
+        return hit[1]
+    try:
+        matcher = StopStringCriteria(tokenizer, list(strings))
+    except ValueError as e:
+        raise RtuneError(f"stop strings {list(strings)}: {e}") from e
+    _MATCHERS[key] = (weakref.ref(tokenizer), matcher)
+    while len(_MATCHERS) > 8:
+        _MATCHERS.popitem(last=False)
+    return matcher
+
+
+class _ReplyStopStrings:
+    """HF's StopStringCriteria on the generated tokens only (columns from prompt_width on: the same
+    for every row, the batch being left-padded), so a stop string cannot begin in the prompt."""
+
+    def __init__(self, matcher, prompt_width: int):
+        self.matcher, self.prompt_width = matcher, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.matcher(input_ids[:, self.prompt_width :], scores, **kwargs)
+
+
+def _first_stop(text: str, strings: list[str]) -> int | None:
+    """Where the earliest stop string in `text` begins (None: there is none)."""
+    found = [i for i in (text.find(s) for s in strings) if i >= 0]
+    return min(found) if found else None
 
 
 # -- generation -------------------------------------------------------------------------------------
-def _hf_generation_config(tokenizer, renderer, config: GenerationConfig):
+def _hf_generation_config(tokenizer, stops: _Stops, config: GenerationConfig):
     from transformers import GenerationConfig as HFGenerationConfig
 
-    stop_ids = list(renderer.stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        pad_id = stop_ids[0]
+        pad_id = stops.eos_ids[0]
     settings = dict(
         max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample,
@@ -74,7 +169,7 @@ def _hf_generation_config(tokenizer, renderer, config: GenerationConfig):
         repetition_penalty=config.repetition_penalty,
         no_repeat_ngram_size=0,
         min_length=0,
-        eos_token_id=stop_ids,
+        eos_token_id=stops.all_ids,
         pad_token_id=pad_id,
     )
     if config.do_sample:
@@ -83,7 +178,7 @@ def _hf_generation_config(tokenizer, renderer, config: GenerationConfig):
         # Set (so the checkpoint's own values are not filled in), and HF's defaults (so HF does not
         # warn that sampling flags are set for greedy decoding, which ignores them anyway).
         settings.update(temperature=1.0, top_p=1.0, top_k=50)
-    return HFGenerationConfig(**settings), stop_ids, pad_id
+    return HFGenerationConfig(**settings), pad_id
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,18 +191,46 @@ def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _split_generated(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
-    """Generated ids up to the first stop id, and whether there was one.
+def _split_generated(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], int | None]:
+    """Generated ids up to the first stop id, and that id (None: there was none).
 
     Rows that stop early are padded (with pad_id) while the rest of the batch continues; the padding
     comes after the stop id, so cutting there removes it. A row without a stop id ran to
-    max_new_tokens and was never padded.
+    max_new_tokens or stopped at a stop string (then the cut at the string removes the padding).
     """
     stops = set(stop_ids)
     for i, t in enumerate(new_ids):
         if t in stops:
-            return new_ids[:i], True
-    return new_ids, False
+            return new_ids[:i], t
+    return new_ids, None
+
+
+def _covering_prefix(tokenizer, ids: list[int], text: str) -> int:
+    """The fewest leading ids whose decoded text starts with `text` (a prefix of decode(ids))."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(ids[:mid], skip_special_tokens=True).startswith(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _finish(tokenizer, new_ids: list[int], stops: _Stops) -> Generation:
+    """One row of generated ids (padding included) as a Generation cut at its first stop."""
+    ids, stop_id = _split_generated(new_ids, stops.all_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    at = _first_stop(text, stops.strings)
+    if at is not None:
+        text = text[:at].rstrip()
+        ids = ids[: _covering_prefix(tokenizer, ids, text)]
+        reason = "stop"
+    elif stop_id is None:
+        reason = "length"
+    else:
+        reason = "eos" if stop_id in stops.eos_ids else "stop"
+    return Generation(text=text, token_ids=ids, finish_reason=reason, num_tokens=len(ids))
 
 
 def _model_device(model):
@@ -138,7 +261,8 @@ def generate_ids(
     if streamer is not None and len(prompts) > 1:
         raise RtuneError("streaming is only supported for a single prompt")
 
-    gen_config, stop_ids, pad_id = _hf_generation_config(tokenizer, renderer, config)
+    stops = _Stops(tokenizer, renderer, config)
+    gen_config, pad_id = _hf_generation_config(tokenizer, stops, config)
     device = _model_device(model)
     # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -159,13 +283,12 @@ def generate_ids(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=gen_config,
+                    stopping_criteria=stops.criteria(input_ids.shape[1]),
                     streamer=streamer,
                 )
                 new = out[:, input_ids.shape[1] :].tolist()
                 for row, i in enumerate(idx):
-                    ids, finished = _split_generated(new[row], stop_ids)
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    results[i] = Generation(text=text, token_ids=ids, finished=finished, num_tokens=len(ids))
+                    results[i] = _finish(tokenizer, new[row], stops)
                 bar.update(len(idx))
     finally:
         bar.close()
@@ -181,7 +304,7 @@ def generate_file(
     method_label: str | None = None,
 ) -> dict:
     """Answer every prompt in a file and write JSONL {"id", "instruction", "output", "finished",
-    "num_tokens", "generator"} in input order, atomically. Returns a summary."""
+    "finish_reason", "num_tokens", "generator"} in input order, atomically. Returns a summary."""
     config = (config or GenerationConfig()).check()
     # Read the prompts before loading the model: a bad file fails in a second, not after a load.
     prompts = read_prompts(prompts_path)
@@ -197,6 +320,7 @@ def generate_file(
         "out": str(out_path),
         "count": n,
         "finished_share": sum(r["finished"] for r in rows) / n,
+        "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in rows) for reason in FINISH_REASONS},
         "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
         "seconds": round(seconds, 3),
         "prompts_per_s": round(n / seconds, 3) if seconds > 0 else None,
@@ -205,8 +329,9 @@ def generate_file(
 
 def answer_prompts(model, tokenizer, renderer, prompts: list[dict], config: GenerationConfig, generator: str,
                    *, progress: bool = False) -> list[dict]:
-    """Answer read_prompts() records: {"id", "instruction", "output", "finished", "num_tokens",
-    "generator"} each, in input order (the rows generate_file writes)."""
+    """Answer read_prompts() records: {"id", "instruction", "output", "finished", "finish_reason",
+    "num_tokens", "generator"} each, in input order (the rows generate_file writes). finished is
+    finish_reason != "length" ("eos": a stop id, "stop": a stop string, "length": max_new_tokens)."""
     ids = [renderer.render_prompt(p["instruction"]) for p in prompts]
     gens = generate_ids(model, tokenizer, renderer, ids, config, progress=progress)
     return [
@@ -215,6 +340,7 @@ def answer_prompts(model, tokenizer, renderer, prompts: list[dict], config: Gene
             "instruction": p["instruction"],
             "output": g.text,
             "finished": g.finished,
+            "finish_reason": g.finish_reason,
             "num_tokens": g.num_tokens,
             "generator": generator,
         }
