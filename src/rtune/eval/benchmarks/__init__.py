@@ -1,0 +1,1 @@
+"""Evaluation sets: one small module per benchmark on a shared base (rtune.eval.benchmarks.base)."""
