@@ -11,12 +11,18 @@ checkpoint).
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rtune import run_folder
+# The answer heuristics live with the other generation statistics; still importable from here.
+from rtune.eval.metrics.generation import (  # noqa: F401
+    INSTRUCTION_OPENERS,
+    is_answer,
+    repeats_instruction,
+    writes_instruction,
+)
 from rtune.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 
@@ -37,63 +43,6 @@ class DemoConfig:
     max_length: int = 320
     max_new_tokens: int = 192
     save_steps: int = 16
-
-
-def repeats_instruction(instruction: str, output: str) -> bool:
-    """True when the output merely echoes the instruction instead of answering it.
-
-    Judged on normalised text: the output starts with (most of) the instruction's first line, or
-    is mostly made of the instruction's words.
-    """
-    def norm(s: str) -> str:
-        return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", s.lower())).strip()
-
-    inst, out = norm(instruction), norm(output)
-    if not out:
-        return False
-    head = norm(instruction.strip().splitlines()[0])[:60] if instruction.strip() else ""
-    if head and out.startswith(head):
-        return True
-    inst_words, out_words = set(inst.split()), out.split()
-    return len(out_words) > 0 and sum(w in inst_words for w in out_words) / len(out_words) > 0.8
-
-
-# How instructions in Alpaca-style data open; an answer rarely does.
-INSTRUCTION_OPENERS = (
-    "give", "write", "generate", "create", "describe", "explain", "identify", "name", "list", "suggest",
-    "find", "construct", "compose", "change", "classify", "rewrite", "make", "provide", "summarize",
-    "summarise", "edit", "convert", "design", "translate", "analyze", "analyse", "compare", "develop",
-    "evaluate", "predict", "calculate", "come up with", "tell me", "determine", "outline", "select",
-    "choose", "categorize", "brainstorm", "formulate", "paraphrase", "complete", "imagine", "from the given",
-)
-
-
-def writes_instruction(output: str) -> bool:
-    """True when the output is itself an instruction or a question, like the prompts, not an answer.
-
-    Small RT models often continue the prompt's genre: "Describe the key responsibilities of a
-    software engineer." -> "What are the main duties of a software engineer?". Judged on the
-    first non-empty line: it ends with "?", opens with a common instruction verb (Alpaca's, not
-    in a list item), or the output opens a new chat turn ("<|user|>"). A heuristic: an answer that happens to start
-    with "Write ..." counts as an instruction too.
-    """
-    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    if not lines:
-        return False
-    first = lines[0].lower()
-    if "<|user|>" in output or first.endswith("?"):
-        return True
-    if re.match(r"([-*\u2022]|\d+[.)])\s", first):  # a list item: "- Use robots to ..." is an answer
-        return False
-    words = re.sub(r"[^\w\s]", " ", first).split()
-    return any(words[: len(o.split())] == o.split() for o in INSTRUCTION_OPENERS)
-
-
-def is_answer(instruction: str, row: dict) -> bool:
-    """Ends with EOS, is not empty, does not repeat the instruction and is not itself an instruction."""
-    output = row["output"]
-    return (row["finished"] and bool(output.strip()) and not repeats_instruction(instruction, output)
-            and not writes_instruction(output))
 
 
 def summarise(rows: list[dict]) -> dict:

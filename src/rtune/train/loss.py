@@ -238,8 +238,7 @@ def check_output_head(loss_model, model, batch: dict[str, torch.Tensor]) -> str 
     The chunked loss re-implements the output layer (hidden states @ output weight, Gemma's
     soft-cap). A head that also scales its logits (Granite's logits_scaling, Cohere's logit_scale,
     Falcon-H1's lm_head_multiplier) would silently train another objective, so both losses are
-    compared once on a real batch. `loss_model` is the LossModel as accelerate wrapped it, called
-    through its wrapper (FSDP2 gathers the sharded weights in it): every process calls this alike.
+    compared once on a real batch, before accelerate wraps the model (rtune.train.recipe.setup_model).
     """
     if causal_lm_parts(model) is None:
         return "the model has no separate output layer for the chunked loss"

@@ -320,11 +320,14 @@ def setup_model(job: Job, data: Data, model_spec: str, info: dict) -> Trainee:
     info["training"]["trainable_params"] = sum(p.numel() for p in params.values())
     info["training"]["total_params"] = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(list(params.values()), config)
-    loss_model, optimizer = job.accelerator.prepare(LossModel(model, config, job.device), optimizer)
-    unwrapped = job.accelerator.unwrap_model(loss_model).model
-    info["training"]["loss_impl"], why = choose_loss_impl(job, data, loss_model, unwrapped)
+    loss_model = LossModel(model, config, job.device)
+    # Checked before accelerate wraps the model: every process holds all of it here, and a forward
+    # through an FSDP2-wrapped model outside the training steps changes its first step's gradients.
+    info["training"]["loss_impl"], why = choose_loss_impl(job, data, loss_model)
     if why:
         info["training"]["loss_impl_reason"] = why
+    loss_model, optimizer = job.accelerator.prepare(loss_model, optimizer)
+    unwrapped = job.accelerator.unwrap_model(loss_model).model
     if job.main:
         clean_staging(job.run_dir)
         run_folder.write_run_header(job.run_dir, info, config_to_yaml(config), data.tokenizer, data.renderer)
@@ -332,7 +335,7 @@ def setup_model(job: Job, data: Data, model_spec: str, info: dict) -> Trainee:
     return Trainee(loss_model, unwrapped, optimizer, trainable_parameters(unwrapped))
 
 
-def choose_loss_impl(job: Job, data: Data, loss_model, model) -> tuple[str, str | None]:
+def choose_loss_impl(job: Job, data: Data, loss_model: LossModel) -> tuple[str, str | None]:
     """(the loss this run trains with, why it is not config.loss_impl or None).
 
     The chunked loss only where it equals the model's own (rtune.train.loss.check_output_head),
@@ -346,10 +349,10 @@ def choose_loss_impl(job: Job, data: Data, loss_model, model) -> tuple[str, str 
     ids = list(first.input_ids[:HEAD_CHECK_TOKENS])
     seq = {"input_ids": ids, "labels": ids}
     batch = collate_packed([seq]) if config.packing else collate_padded([seq], data.pad_id)
-    why = check_output_head(loss_model, model, {k: v.to(job.device) for k, v in batch.items()})
+    why = check_output_head(loss_model, loss_model.model, {k: v.to(job.device) for k, v in batch.items()})
     if why is None:
         return "chunked", None
-    job.accelerator.unwrap_model(loss_model).impl = "full"
+    loss_model.impl = "full"
     if job.main:
         log.warning("%s: training with the model's own loss (loss_impl full) instead", why)
     return "full", why

@@ -1,0 +1,220 @@
+"""Generation for evaluation: rtune's own generation, cached per model, item and decoding settings.
+
+Every prompt is rendered with the model's own template (a run or merged folder's; tulu for a plain
+model) and decoded greedily by default, with the template's stop strings. Results go to an
+append-only cache (rtune.eval.cache) under EVAL_DIR/cache/<model fingerprint>/<decoding key>.jsonl,
+keyed by a hash of the prompt's token ids: re-running, adding a model or a benchmark regenerates
+nothing already done, and a killed run resumes where it stopped (finished batches are on disk).
+
+Precision: `dtype="auto"` generates in bf16 on GPUs with bf16 and on CPUs with native bf16
+(AMX, AVX512-BF16), where greedy bf16 outputs agree with fp32 on most prompts and decode several
+times faster (perf/generate_throughput.py measures both and prints the agreement); fp32 elsewhere.
+The dtype is part of the decoding key, so bf16 and fp32 generations never mix.
+
+Backends: "hf" (transformers, batched, length-sorted) and "vllm" (GPUs; prompts are passed as
+token ids from rtune's renderer, LoRA runs through a LoRA request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rtune import run_folder
+from rtune.errors import RtuneError
+from rtune.eval.cache import JsonlCache
+from rtune.infer.generate import GenerationConfig, generate_ids
+
+DTYPES = ("auto", "fp32", "bf16")
+BACKENDS = ("hf", "vllm")
+GENERATION_FIELDS = {"output": str, "finish_reason": str, "num_tokens": int, "token_ids": list}
+
+
+@dataclass
+class EvalDecoding:
+    """Decoding settings of an evaluation: everything that changes an output is in `key()`."""
+
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    dtype: str = "auto"  # auto | fp32 | bf16
+    stop: list[str] = field(default_factory=list)  # extra stop strings (the template's always apply)
+    backend: str = "hf"  # hf | vllm
+    # Sampling is possible but evaluation is greedy by default (reproducible).
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> "EvalDecoding":
+        if self.dtype not in DTYPES:
+            raise RtuneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise RtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        self.generation_config().check()
+        return self
+
+    def resolved(self, device_type: str) -> dict:
+        """The settings that decide outputs (batch size does not), with the dtype resolved."""
+        d = asdict(self)
+        d.pop("batch_size")
+        d["dtype"] = resolve_dtype(self.dtype, device_type)
+        return d
+
+    def key(self, device_type: str) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(device_type), sort_keys=True).encode()).hexdigest()[:16]
+
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, stop=list(self.stop),
+                                do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                                seed=self.seed)
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """auto -> bf16 where the hardware runs it natively (CUDA with bf16, AMX/AVX512-BF16 CPUs), else fp32."""
+    if dtype != "auto":
+        return dtype
+    from rtune.train.model import resolve_precision
+
+    return resolve_precision("auto", torch.device(device_type))
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- which model: a fingerprint that changes when the weights or the template change ----------------
+def _file_digest(path: Path) -> str:
+    """sha256 of a file; for files over 64 MiB of (size, first MiB, last MiB): cheap for 16 GB weights."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 64 * 2**20:
+            while block := f.read(1 << 20):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path) -> dict:
+    """Digests of a model folder's config and weight files."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".gguf") or p.name in ("config.json", "adapter_config.json")))
+    return {name: _file_digest(folder / name) for name in names}
+
+
+def model_fingerprint(spec: str, renderer) -> dict:
+    """What identifies a model's outputs: its weights (or base + adapter) and its template."""
+    from rtune.models import resolve_model
+
+    fp: dict = {"renderer": hashlib.sha256(json.dumps(renderer.to_dict(), sort_keys=True).encode()).hexdigest()}
+    if run_folder.is_run_dir(spec):
+        info = run_folder.read_complete_run_info(spec, "finish training first (rtune train --resume)")
+        fp.update(kind="run", base=info["base_model"]["load"], method=info["method"],
+                  weights=_folder_digest(run_folder.weights_dir(spec, info)))
+    elif run_folder.is_merged_dir(spec):
+        fp.update(kind="merged", weights=_folder_digest(Path(spec)))
+    else:
+        ref = resolve_model(spec)
+        if ref.kind == "hub":
+            fp.update(kind="hub", id=ref.path)
+        elif ref.gguf_file:
+            fp.update(kind="gguf", weights={ref.gguf_file: _file_digest(Path(ref.path) / ref.gguf_file)})
+        else:
+            fp.update(kind=ref.kind, weights=_folder_digest(Path(ref.path)))
+    fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def prompt_key(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
+
+
+# -- generating what the cache lacks ---------------------------------------------------------------
+def generation_cache(eval_dir: str | os.PathLike, fingerprint: dict, decoding: EvalDecoding,
+                     device_type: str) -> JsonlCache:
+    folder = Path(eval_dir) / "cache" / fingerprint["id"]
+    cache = JsonlCache(folder / f"generations-{decoding.key(device_type)}.jsonl", GENERATION_FIELDS)
+    settings = folder / f"generations-{decoding.key(device_type)}.settings.json"
+    if not settings.exists():
+        from rtune.io import write_json_atomic
+
+        write_json_atomic(settings, {"fingerprint": fingerprint, "decoding": decoding.resolved(device_type)})
+    return cache
+
+
+def generate_missing(loaded, prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding,
+                     progress: bool = True) -> dict:
+    """Generate every prompt (key -> ids) the cache lacks, appending each finished batch; returns counts."""
+    todo = {k: ids for k, ids in prompts.items() if k not in cache}
+    counts = {"items": len(prompts), "from_cache": len(prompts) - len(todo), "generated": 0,
+              "corrupt_cache_lines": cache.corrupt, "seconds": 0.0, "new_tokens": 0}
+    if not todo:
+        return counts
+    start = time.perf_counter()
+    if decoding.backend == "vllm":
+        _generate_vllm(loaded, todo, cache, decoding)
+    else:
+        _generate_hf(loaded, todo, cache, decoding, progress)
+    counts["generated"] = len(todo)
+    counts["seconds"] = round(time.perf_counter() - start, 2)
+    counts["new_tokens"] = sum(cache.get(k)["num_tokens"] for k in todo)
+    return counts
+
+
+def _generate_hf(loaded, todo: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding,
+                 progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    config = decoding.generation_config()
+    # Longest first, in batches: similar lengths share a batch, and each batch is on disk when done.
+    keys = sorted(todo, key=lambda k: len(todo[k]), reverse=True)
+    bar = tqdm(total=len(keys), desc=f"generate {loaded.label}", unit="prompt", disable=None if progress else True)
+    try:
+        for start in range(0, len(keys), decoding.batch_size):
+            batch = keys[start : start + decoding.batch_size]
+            gens = generate_ids(loaded.model, loaded.tokenizer, loaded.renderer, [todo[k] for k in batch], config)
+            cache.add_many({k: {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens,
+                                "token_ids": g.token_ids} for k, g in zip(batch, gens)})
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def _generate_vllm(loaded, todo: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding) -> None:
+    """vLLM (GPU): token-id prompts from rtune's renderer; greedy; the template's stop strings and ids.
+
+    Not run in this project's CI (no GPU): see README."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rtune.infer.generate import reply_stop_strings
+
+    config = decoding.generation_config()
+    params = SamplingParams(
+        max_tokens=decoding.max_new_tokens, temperature=decoding.temperature if decoding.do_sample else 0.0,
+        top_p=decoding.top_p, seed=decoding.seed, stop=reply_stop_strings(loaded.renderer, config),
+        stop_token_ids=list(loaded.renderer.stop_ids), include_stop_str_in_output=False,
+        skip_special_tokens=True,
+    )
+    keys = list(todo)
+    outputs = loaded.model.generate([TokensPrompt(prompt_token_ids=todo[k]) for k in keys], params,
+                                    lora_request=loaded.lora_request)
+    rows = {}
+    for key, out in zip(keys, outputs):
+        o = out.outputs[0]
+        # vLLM: finish_reason "stop" with stop_reason None (EOS), a string (stop string) or an id (stop id).
+        reason = "length" if o.finish_reason == "length" else ("stop" if isinstance(o.stop_reason, str) else "eos")
+        ids = [t for t in o.token_ids if t not in loaded.renderer.stop_ids]
+        rows[key] = {"output": o.text.rstrip() if reason == "stop" else o.text, "finish_reason": reason,
+                     "num_tokens": len(ids), "token_ids": ids}
+    cache.add_many(rows)

@@ -1,0 +1,333 @@
+"""`rtune eval MODEL_OR_RUN... --bench NAME[,NAME] --out EVAL_DIR`: models side by side on benchmarks.
+
+For each model: render every benchmark's prompts with the model's own template, generate what the
+cache lacks (rtune.eval.generation), score what needs the model (response ranking and reference
+NLL where items have references, distribution shift against the untuned base for tuned models;
+also cached), then compute the per-item values and the summaries with bootstrap intervals and
+write them in the results layout (rtune.eval.results). A model is loaded only when something is
+missing, so re-running a finished evaluation only recomputes the summaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import rtune
+from rtune import run_folder
+from rtune.errors import RtuneError
+from rtune.eval.cache import JsonlCache
+from rtune.eval.generation import (
+    EvalDecoding,
+    default_device_type,
+    generate_missing,
+    generation_cache,
+    model_fingerprint,
+    prompt_key,
+    resolve_dtype,
+)
+from rtune.eval.results import EVAL_INFO, metric, safe_name, write_result
+from rtune.io import write_json_atomic
+
+log = logging.getLogger("rtune")
+SCORE_FIELDS = {"values": dict}
+
+
+@dataclass
+class EvalConfig:
+    benches: list[str]
+    limit: int | None = None
+    seed: int = 0
+    decoding: EvalDecoding = field(default_factory=EvalDecoding)
+    template: str | None = None  # for plain models (runs and merged folders bring their own)
+    ranking_k: int = 7  # distractor responses per instruction in response ranking
+    shift: bool = True  # token distribution shift against the untuned base (tuned models)
+    relevance: bool = True  # MiniLM instruction/output similarity
+    progress: bool = True
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    spec: str
+    renderer: object
+    model: object = None
+    tokenizer: object = None
+    lora_request: object = None  # vLLM
+    base_spec: str | None = None  # the untuned base of a tuned model (distribution shift)
+
+
+def bench_and_limit(spec: str, limit: int | None) -> tuple[str, int | None]:
+    """"advbench:100" -> ("advbench", 100): a per-benchmark sample size; else the common --limit."""
+    name, _, n = spec.rpartition(":")
+    return (name, int(n)) if name and n.isdigit() else (spec, limit)
+
+
+def default_label(spec: str) -> str:
+    return Path(str(spec).rstrip("/")).name or str(spec)
+
+
+def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, labels: list[str] | None = None
+             ) -> list[dict]:
+    """Evaluate every model on every benchmark; returns the summaries (also written under out_dir)."""
+    from rtune.eval.benchmarks import load_benchmark
+    from rtune.infer.load import load_renderer
+
+    config.decoding.check()
+    labels = labels or [default_label(m) for m in models]
+    if len(labels) != len(models):
+        raise RtuneError(f"{len(models)} models but {len(labels)} names")
+    if len({safe_name(x) for x in labels}) != len(labels):
+        raise RtuneError(f"model names must differ: {labels} (name them with --names)")
+    # Everything that can fail fast, before any model is loaded: benchmarks, renderers, fingerprints.
+    benches = [load_benchmark(name, limit, config.seed) for name, limit in
+               (bench_and_limit(b, config.limit) for b in config.benches)]
+    device_type = default_device_type()
+    out_dir = Path(out_dir)
+    entries = []
+    for spec, label in zip(models, labels):
+        renderer = load_renderer(spec, config.template)
+        loaded = LoadedModel(label, str(spec), renderer, base_spec=tuned_base(str(spec)))
+        entries.append((loaded, model_fingerprint(str(spec), renderer)))
+    write_json_atomic(out_dir / EVAL_INFO, {
+        "rtune_version": rtune.__version__, "models": {m.label: {"spec": m.spec, "fingerprint": fp} for m, fp in entries},
+        "benchmarks": [b.info for b in benches], "decoding": config.decoding.resolved(device_type),
+        "limit": config.limit, "seed": config.seed, "ranking_k": config.ranking_k, "time": run_folder.now(),
+    })
+    summaries = []
+    for loaded, fp in entries:
+        summaries += evaluate_model(loaded, fp, benches, config, out_dir, device_type)
+        unload(loaded)
+    return summaries
+
+
+def evaluate_model(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, out_dir: Path,
+                   device_type: str) -> list[dict]:
+    timings: dict[str, float] = {}
+    cache = generation_cache(out_dir, fp, config.decoding, device_type)
+    scores = JsonlCache(out_dir / "cache" / fp["id"] / f"scores-{config.decoding.key(device_type)}.jsonl",
+                        SCORE_FIELDS)
+    prompts = {b.name: [loaded.renderer.render_prompt(item.prompt) for item in b.items] for b in benches}
+    wanted = {prompt_key(ids): ids for ids_list in prompts.values() for ids in ids_list}
+    needs_model = any(k not in cache for k in wanted) or any(
+        _score_key(loaded, b, i, config) not in scores for b in benches for i in range(len(b.items))
+        if _scored(loaded, b.items[i], config))
+    if needs_model:
+        t = time.perf_counter()
+        load(loaded, config, device_type)
+        timings["load_s"] = round(time.perf_counter() - t, 2)
+    counts = generate_missing(loaded, wanted, cache, config.decoding, config.progress) if needs_model else {
+        "items": len(wanted), "from_cache": len(wanted), "generated": 0, "corrupt_cache_lines": cache.corrupt}
+    log.info("%s: %d prompts, %d from the cache, %d generated (%d corrupt cache lines redone)", loaded.label,
+             counts["items"], counts["from_cache"], counts["generated"], counts["corrupt_cache_lines"])
+    if config.progress:
+        print(f"[eval] {loaded.label}: generations {counts['from_cache']} cached, {counts['generated']} generated, "
+              f"{counts['corrupt_cache_lines']} corrupt cache lines skipped and redone", flush=True)
+    summaries = []
+    for bench in benches:
+        t = time.perf_counter()
+        rows = [{**cache.get(prompt_key(ids))} for ids in prompts[bench.name]]
+        scored = score_items(loaded, bench, prompts[bench.name], rows, scores, config)
+        summary, item_rows = summarise_bench(loaded, fp, bench, rows, scored, config, device_type)
+        summary["generation"] = counts
+        summary["timings"] = {**timings, "metrics_s": round(time.perf_counter() - t, 2)}
+        write_result(out_dir, loaded.label, bench.name, item_rows, summary)
+        summaries.append(summary)
+    return summaries
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def tuned_base(spec: str) -> str | None:
+    """The untuned base of a run or merged folder (for distribution shift); None for a plain model."""
+    if run_folder.is_run_dir(spec):
+        return run_folder.read_run_info(spec)["base_model"]["load"]
+    if run_folder.is_merged_dir(spec):
+        return run_folder.read_template_info(spec).get("base_model", {}).get("load")
+    return None
+
+
+def load(loaded: LoadedModel, config: EvalConfig, device_type: str) -> None:
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype(config.decoding.dtype, device_type)]
+    if config.decoding.backend == "vllm":
+        _load_vllm(loaded, dtype)
+        return
+    from rtune.infer.load import load_for_inference
+
+    loaded.model, loaded.tokenizer, _ = load_for_inference(loaded.spec, config.template, dtype=dtype,
+                                                           device=device_type)
+
+
+def _load_vllm(loaded: LoadedModel, dtype: torch.dtype) -> None:
+    """vLLM serves a plain or merged folder as it is, a LoRA run as its base plus a LoRA request."""
+    try:
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise RtuneError("--backend vllm needs vLLM on a CUDA machine: pip install 'rtune[vllm]'") from None
+    dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    if run_folder.is_run_dir(loaded.spec):
+        info = run_folder.read_run_info(loaded.spec)
+        if info["weights"] == "adapter":
+            rank = info["config"]["lora_r"]
+            loaded.model = LLM(model=_vllm_path(info["base_model"]["load"]), dtype=dtype_name, enable_lora=True,
+                               max_lora_rank=max(16, rank))
+            loaded.lora_request = LoRARequest(loaded.label, 1, str(run_folder.weights_dir(loaded.spec, info)))
+        else:
+            loaded.model = LLM(model=str(run_folder.weights_dir(loaded.spec, info)), dtype=dtype_name)
+    else:
+        loaded.model = LLM(model=_vllm_path(loaded.spec), dtype=dtype_name)
+    loaded.tokenizer = loaded.renderer.tokenizer
+
+
+def _vllm_path(spec: str) -> str:
+    from rtune.models import resolve_model
+
+    ref = resolve_model(spec)
+    if ref.gguf_file:
+        raise RtuneError(f"--backend vllm: {spec} is a .gguf file; convert it to a model folder first")
+    return ref.path
+
+
+def unload(loaded: LoadedModel) -> None:
+    loaded.model = loaded.tokenizer = loaded.lora_request = None
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- scores that need the model (cached) -----------------------------------------------------------
+def _scored(loaded: LoadedModel, item, config: EvalConfig) -> bool:
+    return item.reference is not None or (config.shift and loaded.base_spec is not None)
+
+
+def _score_key(loaded: LoadedModel, bench, index: int, config: EvalConfig) -> str:
+    """Everything an item's scores depend on: prompt, reference, distractors (the set), settings."""
+    item = bench.items[index]
+    refs = [i.reference for i in bench.items] if item.reference is not None else []
+    text = json.dumps([item.prompt, item.reference, refs, config.ranking_k, config.seed, config.shift])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def score_items(loaded: LoadedModel, bench, prompt_ids: list[list[int]], rows: list[dict], scores: JsonlCache,
+                config: EvalConfig) -> list[dict]:
+    """Per item: ranking / NLL values (items with references) and shift values (tuned models)."""
+    from rtune.eval import instructability as ins
+
+    keys = [_score_key(loaded, bench, i, config) for i in range(len(bench.items))]
+    todo = [i for i, item in enumerate(bench.items) if _scored(loaded, item, config) and keys[i] not in scores]
+    if todo and loaded.model is not None and config.decoding.backend == "hf":
+        values = {i: {} for i in todo}
+        ref_items = [i for i in todo if bench.items[i].reference is not None]
+        if ref_items:
+            pairs = [(it.prompt, it.reference) for it in bench.items if it.reference is not None]
+            index = {i: n for n, i in enumerate(j for j, it in enumerate(bench.items) if it.reference is not None)}
+            ranking = ins.ranking_values(loaded.model, loaded.renderer, pairs, config.ranking_k, config.seed)
+            nll = ins.nll_values(loaded.model, loaded.renderer, [pairs[index[i]] for i in ref_items])
+            for i, v in zip(ref_items, nll):
+                values[i].update(ranking[index[i]], **v)
+        if config.shift and loaded.base_spec is not None:
+            with _base_model(loaded) as base:
+                shift = ins.shift_values(base, [prompt_ids[i] for i in todo], [rows[i]["token_ids"] for i in todo])
+            for i, v in zip(todo, shift):
+                values[i].update(v)
+        scores.add_many({keys[i]: {"values": values[i]} for i in todo})
+    return [scores.get(k)["values"] if k in scores else {} for k in keys]
+
+
+class _base_model:
+    """The untuned base of a tuned model: the LoRA model with its adapter off, else the base loaded alone."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded, self.own = loaded, None
+
+    def __enter__(self):
+        from rtune.eval.instructability import base_of
+
+        model = self.loaded.model
+        if hasattr(model, "disable_adapter"):
+            self.context = base_of(model)
+            self.context.__enter__()
+            return model
+        from rtune.models import load_model
+
+        param = next(model.parameters())
+        self.own = load_model(self.loaded.base_spec, dtype=param.dtype, device=param.device)
+        return self.own
+
+    def __exit__(self, *exc):
+        if self.own is None:
+            self.context.__exit__(*exc)
+        self.own = None
+        return False
+
+
+# -- per-item values and summaries -----------------------------------------------------------------
+def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scored: list[dict], config: EvalConfig,
+                    device_type: str) -> tuple[dict, list[dict]]:
+    """(summary, per-item rows) of one model on one benchmark."""
+    from rtune.eval.metrics.generation import generation_values, summarise_generation
+    from rtune.eval.metrics.intervals import mean_with_ci
+    from rtune.eval.metrics.refusal import JUDGE, is_refusal, refusal_rates
+
+    items = bench.items
+    values = [generation_values(item.prompt, row) for item, row in zip(items, rows)]
+    if config.relevance:
+        from rtune.eval.metrics.relevance import relevance
+
+        for v, r in zip(values, relevance([i.prompt for i in items], [row["output"] for row in rows])):
+            v["relevance"] = r
+        refs = [i for i, item in enumerate(items) if item.reference is not None]
+        if refs:
+            rel = relevance([items[i].prompt for i in refs], [items[i].reference for i in refs])
+            for i, r in zip(refs, rel):
+                values[i]["reference_relevance"] = r
+    for v, s in zip(values, scored):
+        v.update(s)
+    refusals = [is_refusal(row["output"]) for row in rows]
+    metrics = summarise_generation(values)
+    metrics.update(refusal_rates(rows, [item.harmful for item in items]))
+    labels = {
+        "relevance": ("relevance (instruction-output cosine, MiniLM)", True),
+        "reference_relevance": ("relevance of the reference responses (MiniLM)", None),
+        "ranking_top1": ("response ranking: own response above all K others", True),
+        "ranking_pairwise": ("response ranking: share of the K others below the own response", True),
+        "nll_given_instruction": ("reference NLL per token given the instruction", False),
+        "nll_no_instruction": ("reference NLL per token without instruction", False),
+        "nll_gain": ("NLL gain from the instruction (nats per token)", True),
+        "shift_top1_differs": ("shift: base top-1 differs from the answer token", None),
+        "shift_outside_top3": ("shift: answer token outside the base's top 3", None),
+    }
+    for name, (label, better) in labels.items():
+        value, ci, n = mean_with_ci([v.get(name) for v in values], seed=config.seed)
+        if n:
+            kind = "rate" if name.startswith(("ranking", "shift")) else "mean"
+            metrics[name] = metric(value, ci, n, kind, label, better)
+    item_rows = [
+        {"id": item.id, "prompt": item.prompt, "subset": item.subset, "harmful": item.harmful,
+         "reference": item.reference, "output": row["output"], "finish_reason": row["finish_reason"],
+         "num_tokens": row["num_tokens"], "judgments": {JUDGE: "refusal" if refused else "compliance"},
+         "values": v}
+        for item, row, v, refused in zip(items, rows, values, refusals)
+    ]
+    summary = {
+        "model": {"label": loaded.label, "spec": loaded.spec, "fingerprint": fp,
+                  "template": loaded.renderer.template_name},
+        "benchmark": {**bench.info, "description": bench.description},
+        "decoding": config.decoding.resolved(device_type),
+        "judges": {"refusal": JUDGE},
+        "settings": {"ranking_k": config.ranking_k, "shift": config.shift, "relevance": config.relevance,
+                     "bootstrap": "percentile, 95%, 2000 resamples, seed " + str(config.seed)},
+        "metrics": metrics,
+        "rtune_version": rtune.__version__,
+        "time": run_folder.now(),
+    }
+    return summary, item_rows
