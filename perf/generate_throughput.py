@@ -1,4 +1,4 @@
-"""Generation throughput: batched rtune.generate.generate_ids against one prompt at a time.
+"""Generation throughput: batched rtune.infer.generate.generate_ids against one prompt at a time.
 
 AlpacaEval-style prompts, rendered with the tulu template for the built-in base Gemma 3 270M:
 
@@ -13,8 +13,12 @@ that stop at different points would measure luck. Every prompt therefore generat
 backend) or `ignore_eos=True` (vLLM). Decoding is greedy.
 
     python perf/generate_throughput.py --num-prompts 16 --max-new-tokens 64 --batch-size 16
-    python perf/generate_throughput.py --dtype bfloat16   # CPUs with AMX / AVX-512 bf16
+    python perf/generate_throughput.py --prompts alpaca-demo --num-prompts 24 --model rtune-demo/runs/rt
     python perf/generate_throughput.py --backend vllm      # CUDA + vllm installed
+
+The HF backend measures fp32 and bf16 in one run (one at a time and batched) and the greedy
+agreement between them: the share of prompts whose answers (stops on, as evaluation generates
+them) are identical in both dtypes. That agreement decides `rtune eval --dtype auto`.
 """
 
 from __future__ import annotations
@@ -85,34 +89,58 @@ def suppress_stop_tokens(model, stop_ids: list[int]):
     return model.register_forward_hook(hook)
 
 
-def run_hf(model_name: str, instructions: list[str], max_new_tokens: int, batch_size: int, dtype: str | None) -> None:
+def run_hf(model_name: str, instructions: list[str], max_new_tokens: int, batch_size: int, dtypes: list[str],
+           single_count: int) -> None:
+    """Throughput one at a time and batched, in each dtype; then greedy agreement between the dtypes."""
     import torch
 
     from rtune.infer.generate import GenerationConfig, generate_ids
-
-    # dtype None: rtune's default (fp32 on the CPU, bf16 on a GPU that supports it).
     from rtune.infer.load import load_for_inference
-    model, tokenizer, renderer = load_for_inference(
-        model_name, template="tulu", dtype=getattr(torch, dtype) if dtype else None
-    )
-    prompts = [renderer.render_prompt(x) for x in instructions]
-    print(f"HF transformers, {next(model.parameters()).dtype} on {model.device}; {describe(prompts)}")
-    suppress_stop_tokens(model, renderer.stop_ids)
 
-    def timed(bs: int):
+    model, tokenizer, renderer = load_for_inference(model_name, template="tulu", dtype=torch.float32)
+    prompts = [renderer.render_prompt(x) for x in instructions]
+    print(f"HF transformers on {model.device}, {model_name}; {describe(prompts)}; {torch.get_num_threads()} threads")
+
+    def timed(batch: list[list[int]], bs: int) -> float:
         config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=bs)
         start = time.perf_counter()
-        gens = generate_ids(model, tokenizer, renderer, prompts, config)
+        gens = generate_ids(model, tokenizer, renderer, batch, config)
         seconds = time.perf_counter() - start
         assert all(g.num_tokens == max_new_tokens for g in gens), "a prompt stopped early"
-        return seconds, [g.token_ids for g in gens]
+        return seconds
 
-    generate_ids(model, tokenizer, renderer, prompts[:1], GenerationConfig(max_new_tokens=2))  # warm-up
-    batched_s, batched_ids = timed(batch_size)
-    single_s, single_ids = timed(1)
-    report(len(prompts), max_new_tokens, batched_s, single_s, f"batched (batch_size {batch_size})", "one at a time")
-    same = sum(a == b for a, b in zip(batched_ids, single_ids))
-    print(f"identical greedy tokens, batched vs one at a time: {same}/{len(prompts)} prompts")
+    rates, outputs = {}, {}
+    for dtype in dtypes:
+        model.to(getattr(torch, dtype))
+        hook = suppress_stop_tokens(model, renderer.stop_ids)
+        generate_ids(model, tokenizer, renderer, prompts[:1], GenerationConfig(max_new_tokens=2))  # warm-up
+        # One at a time on the first single_count prompts (it is slow), batched on all of them.
+        rates[f"{dtype}, one at a time"] = single_count / timed(prompts[:single_count], 1)
+        rates[f"{dtype}, batched ({batch_size})"] = len(prompts) / timed(prompts, batch_size)
+        hook.remove()
+        # Greedy answers as an evaluation produces them (stops on), for the agreement between dtypes.
+        config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        outputs[dtype] = [g.text for g in generate_ids(model, tokenizer, renderer, prompts, config)]
+    for label, rate in rates.items():
+        print(f"{label:>26}: {rate:7.3f} prompts/s  {rate * max_new_tokens:8.1f} generated tokens/s")
+    for dtype in dtypes:
+        single, batched = rates[f"{dtype}, one at a time"], rates[f"{dtype}, batched ({batch_size})"]
+        print(f"speed-up, {dtype} batched over {dtype} one at a time: {batched / single:.2f}x")
+    if len(dtypes) == 2:
+        first, second = dtypes
+        best, base = rates[f"{second}, batched ({batch_size})"], rates[f"{first}, one at a time"]
+        print(f"speed-up, {second} batched over {first} one at a time: {best / base:.2f}x")
+        same = sum(a == b for a, b in zip(outputs[first], outputs[second]))
+        lo, hi = wilson(same, len(prompts))
+        print(f"greedy agreement {first} vs {second} (identical answers, stops on, up to {max_new_tokens} tokens): "
+              f"{same}/{len(prompts)} = {same / len(prompts):.0%} (95% Wilson interval {lo:.0%}-{hi:.0%})")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def run_vllm(model_name: str, instructions: list[str], max_new_tokens: int) -> None:
@@ -168,17 +196,18 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="HF backend: prompts per batch (default 16)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default=None,
-        help="HF backend: model dtype (default: rtune's, fp32 on the CPU, bf16 on a GPU)",
-    )  # fmt: skip
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="HF backend: the dtypes to measure, comma-separated (default both, and their agreement)")
+    parser.add_argument("--single", type=int, default=None,
+                        help="HF backend: prompts generated one at a time (default all; it is the slow part)")
     args = parser.parse_args()
 
     instructions = load_instructions(args.prompts, args.num_prompts)
     if args.backend == "vllm":
         run_vllm(args.model, instructions, args.max_new_tokens)
     else:
-        run_hf(args.model, instructions, args.max_new_tokens, args.batch_size, args.dtype)
+        run_hf(args.model, instructions, args.max_new_tokens, args.batch_size, args.dtypes.split(","),
+               min(args.single or args.num_prompts, args.num_prompts))
 
 
 if __name__ == "__main__":

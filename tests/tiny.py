@@ -1,4 +1,7 @@
-"""Tiny tokenizers and models built in memory, so tests run offline in seconds."""
+"""Tiny tokenizers, models and training data built in memory, so tests run offline in seconds."""
+
+import json
+import random
 
 from pathlib import Path
 
@@ -101,3 +104,31 @@ def random_sequences(lengths, trained_from, vocab, seed=0):
         ids = torch.randint(3, vocab, (n,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [IGNORE] * k + ids[k:]})
     return out
+
+
+WORDS = "the quick brown fox jumps over lazy dog eat well sleep and exercise first second third".split()
+
+
+def write_records(path, n=24, seed=0, responses=None):
+    """Random word salad, or (responses=[...]) a few fixed responses a tiny model can learn quickly."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            instruction = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
+            if responses:
+                response = responses[i % len(responses)]
+            else:
+                response = " ".join(rng.choices(WORDS, k=rng.randint(1, 20))) + "."
+            f.write(json.dumps({"id": f"r{i}", "instruction": instruction, "response": response, "source": "t"}) + "\n")
+    return path
+
+
+def tiny_config(**kw):
+    base = dict(
+        batch_size=2, grad_accum=2, epochs=1, max_length=64, lr=1e-2, lora_r=4, lora_alpha=8,
+        precision="fp32", log_steps=1, save_steps=0,
+    )
+    base.update(kw)
+    from rtune.train.config import load_config
+
+    return load_config(None, base)

@@ -18,7 +18,10 @@ EXAMPLES = {
     "generate": "rtune generate runs/rt --prompts data/train.heldout.jsonl --out gens/rt.jsonl",
     "chat": "rtune chat runs/rt",
     "demo": "rtune demo --out rtune-demo",
+    "eval": "rtune eval gemma-3-270m runs/rt runs/it --names base,rt,it --bench advbench,data/train.heldout.jsonl "
+            "--limit 100 --out evals/demo",
     "model fetch": "rtune model fetch gemma-3-270m",
+    "report": "rtune report evals/demo --out reports/demo",
 }
 
 
@@ -172,6 +175,20 @@ def cmd_model_fetch(a) -> None:
     print(builtin_model_dir(a.name))
 
 
+def cmd_eval(a) -> None:
+    from rtune.eval.generation import EvalDecoding
+    from rtune.eval.run import EvalConfig, run_eval
+
+    decoding = EvalDecoding(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype,
+                            stop=list(a.stop or []), backend=a.backend)
+    config = EvalConfig(benches=[b for b in a.bench.split(",") if b], limit=a.limit, seed=a.seed, decoding=decoding,
+                        template=a.template, ranking_k=a.ranking_k, shift=not a.no_shift,
+                        relevance=not a.no_relevance)
+    names = [n for n in a.names.split(",")] if a.names else None
+    summaries = run_eval(a.models, config, a.out, labels=names)
+    print(f"{len(summaries)} results in {a.out}/results; render them with: rtune report {a.out} --out REPORT_DIR")
+
+
 def cmd_demo(a) -> None:
     from rtune.demo import DemoConfig, run_demo
 
@@ -180,6 +197,14 @@ def cmd_demo(a) -> None:
         if getattr(a, field) is not None:
             setattr(config, field, getattr(a, field))
     run_demo(config)
+
+
+def cmd_report(a) -> None:
+    from rtune.report import build_report
+
+    path = build_report(a.eval_dirs, a.out)
+    print(path)
+    print(path.with_suffix(".html"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="gemma-3-270m | smollm2-135m-instruct")
     p.set_defaults(func=cmd_model_fetch)
 
+    p = _parser(sub, "eval", "evaluate models side by side on benchmarks (cached, resumable)",
+                "Generate with each model's own template (greedy), cache every generation, and write per-item "
+                "rows and summaries with bootstrap 95% intervals under OUT/results. Benchmarks: "
+                "alpacaeval, justeval, advbench, harmbench, strongreject, malicious-instruct, xstest, or a "
+                "local .jsonl/.json/.csv prompts file (an instruction field; a response field makes it a "
+                "ranking set, e.g. the held-out file of `rtune data prepare --holdout`).")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN")
+    p.add_argument("--bench", required=True,
+                   help="NAME[:N][,NAME[:N]...]: benchmark names or prompt files, N a per-benchmark sample size")
+    p.add_argument("--out", required=True, metavar="EVAL_DIR")
+    p.add_argument("--names", default=None, help="labels for the models, comma-separated (default: folder names)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N items per benchmark")
+    p.add_argument("--seed", type=int, default=0, help="the sample, ranking distractors and bootstrap seed")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it natively) | fp32 | bf16")
+    p.add_argument("--stop", action="append", default=None, metavar="STRING", help="an extra stop string")
+    p.add_argument("--backend", default="hf", help="hf (default) | vllm (GPU; extra 'vllm')")
+    p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
+    p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")
+    p.add_argument("--no-shift", action="store_true", help="skip the distribution shift against the untuned base")
+    p.add_argument("--no-relevance", action="store_true", help="skip MiniLM relevance")
+    p.set_defaults(func=cmd_eval)
+
     p = _parser(sub, "demo", "RT vs IT vs base on the offline default (Gemma 3 270M + alpaca-demo)")
     p.add_argument("--out", default="rtune-demo")
     from rtune.demo import DemoConfig  # light: the defaults shown in --help are the ones used
@@ -270,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help=f"default {demo_defaults.lr:g}, for RT and IT alike")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {demo_defaults.max_new_tokens}")
     p.set_defaults(func=cmd_demo)
+
+    p = _parser(sub, "report", "tables and plots of `rtune eval` results (Markdown, standalone HTML, PNG)",
+                "Write report.md, report.html and PNG plots into --out. Several EVAL_DIRs merge into one report.")
+    p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

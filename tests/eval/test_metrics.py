@@ -1,6 +1,5 @@
 """Per-item measures of generations and their aggregates: refusal, generation statistics, relevance."""
 
-import subprocess
 
 import pytest
 import torch

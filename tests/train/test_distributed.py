@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate import DistributedType
 from safetensors.torch import load_file
-from test_train import write_records
+from tiny import write_records
 
 from rtune.errors import RtuneError
 from rtune.run_folder import read_run_info

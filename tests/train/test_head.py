@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import write_records
-from tiny import byte_bpe_tokenizer, random_sequences
+from tiny import byte_bpe_tokenizer, random_sequences, write_records
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,

@@ -1,12 +1,11 @@
 """Training recipe on a tiny Llama (built in conftest/tiny.py): loss, LoRA vs full FT, run folder, merge, config."""
 
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import random_sequences
+from tiny import random_sequences, tiny_config, write_records
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rtune.errors import RtuneError
@@ -17,32 +16,6 @@ from rtune.train.batching import collate_padded
 from rtune.train.config import PRESETS, TrainConfig, load_config
 from rtune.train.loss import token_loss_sum
 from rtune.train.recipe import train
-
-WORDS = "the quick brown fox jumps over lazy dog eat well sleep and exercise first second third".split()
-
-
-def write_records(path, n=24, seed=0, responses=None):
-    """Random word salad, or (responses=[...]) a few fixed responses a tiny model can learn quickly."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            instruction = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
-            if responses:
-                response = responses[i % len(responses)]
-            else:
-                response = " ".join(rng.choices(WORDS, k=rng.randint(1, 20))) + "."
-            f.write(json.dumps({"id": f"r{i}", "instruction": instruction, "response": response, "source": "t"}) + "\n")
-    return path
-
-
-def tiny_config(**kw):
-    base = dict(
-        batch_size=2, grad_accum=2, epochs=1, max_length=64, lr=1e-2, lora_r=4, lora_alpha=8,
-        precision="fp32", log_steps=1, save_steps=0,
-    )
-    base.update(kw)
-    return load_config(None, base)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
