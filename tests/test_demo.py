@@ -47,13 +47,13 @@ def test_summarise_counts_answers_only_when_finished_and_not_a_repeat_or_an_inst
     assert s["mean_tokens"] == 4
 
 
-def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_path, capsys):
+def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_path, capsys, rtune_cache_home):
     source = tmp_path / "answers.jsonl"
     with open(source, "w") as f:
         for i in range(20):
             f.write(json.dumps({"instruction": f"Say something {i}.", "output": f"Here is thing number {i}."}) + "\n")
     config = DemoConfig(out_dir=str(tmp_path / "demo"), model=str(tiny_model_path), source=str(source),
-                        train_size=8, eval_size=3, epochs=1, max_new_tokens=4, save_steps=0)
+                        train_size=8, eval_size=3, epochs=1, max_new_tokens=4, save_steps=0, safety_size=2)
     report = run_demo(config)
     out = tmp_path / "demo"
     assert set(report["summary"]) == {"base", "rt", "it"}
@@ -62,9 +62,17 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_p
     assert "| rt |" in (out / "summary.md").read_text()
     for method in ("rt", "it"):
         assert json.loads((out / "runs" / method / "rtune_run.json").read_text())["method"] == method
+    # The evaluation: every model on the held-out set and the two safety samples, and the report.
+    results = sorted(p.parent.relative_to(out / "eval" / "results").as_posix()
+                     for p in (out / "eval" / "results").glob("*/*/summary.json"))
+    assert results == [f"{m}/{b}" for m in ("base", "it", "rt") for b in ("advbench", "harmbench", "train.heldout")]
+    report = (out / "report" / "report.md").read_text()
+    assert "ranking" in report and (out / "report" / "report.html").is_file()
     capsys.readouterr()
-    run_demo(config)  # again: every step is found done and skipped
-    assert capsys.readouterr().out.count("already done") == 6  # data, 2 trainings, 3 generations
+    run_demo(config)  # again: every step is found done and skipped, nothing is generated again
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == 3  # data, 2 trainings
+    assert printed.count("7 cached, 0 generated") == 3  # 3 held-out + 2 + 2 safety prompts, per model
 
 
 def test_demo_cli_flags_override_the_defaults_and_nothing_else(monkeypatch, tmp_path):

@@ -1,16 +1,16 @@
 """`rtune demo`: the whole path on the offline default, sized for a 2-core laptop CPU.
 
-prepare alpaca-demo -> train RT and IT on the same responses -> answer held-out instructions with
-the base, RT and IT models -> a side-by-side file and a short table.
+prepare alpaca-demo -> train RT and IT on the same responses -> `rtune eval` of the base, RT and
+IT models (the held-out instructions, which are also a response-ranking set, and small AdvBench and
+HarmBench samples) -> `rtune report` -> a side-by-side file and a short table.
 
 Every step writes its output atomically and is skipped when that output already exists, so an
 interrupted demo continues where it stopped when run again (training resumes from its last
-checkpoint).
+checkpoint, evaluation from its generation cache).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +43,8 @@ class DemoConfig:
     max_length: int = 320
     max_new_tokens: int = 192
     save_steps: int = 16
+    safety_size: int = 16  # AdvBench and HarmBench prompts each model answers (seeded samples)
+    eval_batch_size: int = 24
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -75,7 +77,10 @@ def table(summary: dict) -> str:
 
 def run_demo(config: DemoConfig) -> dict:
     from rtune.data import prepare
-    from rtune.infer.generate import GenerationConfig, generate_file
+    from rtune.eval.generation import EvalDecoding
+    from rtune.eval.results import read_items
+    from rtune.eval.run import EvalConfig, run_eval
+    from rtune.report import build_report
     from rtune.train.config import load_config
     from rtune.train.recipe import train
 
@@ -124,22 +129,26 @@ def run_demo(config: DemoConfig) -> dict:
         train(config.model, str(train_file), str(run_dir), train_config, resume=run_folder.is_run_dir(run_dir))
         timings[f"train {method}"] = round(time.time() - t, 1)
 
-    gen_config = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.eval_size)
-    generators = {"base": config.model, "rt": str(out / "runs" / "rt"), "it": str(out / "runs" / "it")}
-    for name, model in generators.items():
-        path = out / "generations" / f"{name}.jsonl"
-        step(f"generate {name}", path, lambda m=model, p=path: generate_file(m, str(heldout_file), str(p), gen_config))
+    # Evaluation: cached and resumable, so a second demo run regenerates nothing.
+    t = time.time()
+    benches = [str(heldout_file), f"advbench:{config.safety_size}", f"harmbench:{config.safety_size}"]
+    eval_config = EvalConfig(benches=benches, seed=config.seed,
+                             decoding=EvalDecoding(max_new_tokens=config.max_new_tokens,
+                                                   batch_size=config.eval_batch_size))
+    models = {"base": config.model, "rt": str(out / "runs" / "rt"), "it": str(out / "runs" / "it")}
+    print(f"[demo] evaluate base, RT and IT on {', '.join(benches)} ...", flush=True)
+    run_eval(list(models.values()), eval_config, out / "eval", labels=list(models))
+    timings["evaluate"] = round(time.time() - t, 1)
+    report_md = build_report([out / "eval"], out / "report")
 
-    generations = {name: _read_jsonl(out / "generations" / f"{name}.jsonl") for name in generators}
-    summary = {name: summarise(rows) for name, rows in generations.items()}
+    heldout = {name: read_items(out / "eval" / "results" / name / heldout_file.stem) for name in models}
+    summary = {name: summarise([{**r, "instruction": r["prompt"], "finished": r["finish_reason"] != "length"}
+                                for r in rows]) for name, rows in heldout.items()}
     side_by_side = [
-        {
-            "id": rows[0]["id"],
-            "instruction": rows[0]["instruction"],
-            **{f"{name}_output": generations[name][i]["output"] for name in generators},
-            **{f"{name}_finished": generations[name][i]["finished"] for name in generators},
-        }
-        for i, rows in enumerate(zip(*generations.values()))
+        {"id": rows[0]["id"], "instruction": rows[0]["prompt"],
+         **{f"{name}_output": heldout[name][i]["output"] for name in models},
+         **{f"{name}_finish_reason": heldout[name][i]["finish_reason"] for name in models}}
+        for i, rows in enumerate(zip(*heldout.values()))
     ]
     write_jsonl_atomic(out / "side_by_side.jsonl", side_by_side)
     report = {
@@ -152,9 +161,6 @@ def run_demo(config: DemoConfig) -> dict:
     text = table(summary)
     write_text_atomic(out / "summary.md", text + "\n")
     print("\n" + text)
-    print(f"\nside-by-side answers: {out / 'side_by_side.jsonl'}; total {report['total_s']:.0f} s")
+    print(f"\nreport: {report_md} (and report.html); side-by-side answers: {out / 'side_by_side.jsonl'}; "
+          f"total {report['total_s']:.0f} s")
     return report
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

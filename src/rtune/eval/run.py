@@ -281,8 +281,9 @@ def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scor
     items = bench.items
     values = [generation_values(item.prompt, row) for item, row in zip(items, rows)]
     if config.relevance:
-        from rtune.eval.metrics.relevance import relevance
+        from rtune.eval.metrics.relevance import Embedder
 
+        relevance = Embedder().relevance
         for v, r in zip(values, relevance([i.prompt for i in items], [row["output"] for row in rows])):
             v["relevance"] = r
         refs = [i for i, item in enumerate(items) if item.reference is not None]
