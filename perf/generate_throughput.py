@@ -32,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import types
 from pathlib import Path
 
 from rtune.paths import rtune_home
@@ -101,10 +102,13 @@ def run_hf(model_name: str, instructions: list[str], max_new_tokens: int, batch_
     prompts = [renderer.render_prompt(x) for x in instructions]
     print(f"HF transformers on {model.device}, {model_name}; {describe(prompts)}; {torch.get_num_threads()} threads")
 
+    # Fixed-length runs: no stop strings either (the stop ids are suppressed by a hook).
+    no_stop_strings = types.SimpleNamespace(stop_ids=renderer.stop_ids, stop_strings=[])
+
     def timed(batch: list[list[int]], bs: int) -> float:
         config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=bs)
         start = time.perf_counter()
-        gens = generate_ids(model, tokenizer, renderer, batch, config)
+        gens = generate_ids(model, tokenizer, no_stop_strings, batch, config)
         seconds = time.perf_counter() - start
         assert all(g.num_tokens == max_new_tokens for g in gens), "a prompt stopped early"
         return seconds
