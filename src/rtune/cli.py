@@ -22,6 +22,7 @@ EXAMPLES = {
             "--limit 100 --out evals/demo",
     "model fetch": "rtune model fetch gemma-3-270m",
     "report": "rtune report evals/demo --out reports/demo",
+    "serve": "rtune serve runs/rt --port 8000",
 }
 
 
@@ -169,6 +170,14 @@ def cmd_chat(a) -> None:
     chat(a.model, template=a.template, config=_generation_config(a))
 
 
+def cmd_serve(a) -> None:
+    from rtune.serve.server import api_key_from_env, serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=a.template,
+          model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
+          max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens)
+
+
 def cmd_model_fetch(a) -> None:
     from rtune.models.builtin import builtin_model_dir
 
@@ -184,6 +193,16 @@ def cmd_eval(a) -> None:
     config = EvalConfig(benches=[b for b in a.bench.split(",") if b], limit=a.limit, seed=a.seed, decoding=decoding,
                         template=a.template, ranking_k=a.ranking_k, shift=not a.no_shift,
                         relevance=not a.no_relevance)
+    if a.judge_url or a.judge_model:
+        from rtune.eval.judging import KINDS, JudgeConfig
+
+        if not (a.judge_url and a.judge_model):
+            raise RtuneError("--judge-url and --judge-model go together")
+        price = tuple(float(x) for x in a.judge_price.split(",")) if a.judge_price else None
+        if price is not None and len(price) != 2:
+            raise RtuneError("--judge-price takes INPUT,OUTPUT dollars per million tokens, e.g. 2.5,10")
+        config.judge = JudgeConfig(a.judge_url, a.judge_model, kinds=a.judge.split(",") if a.judge else list(KINDS),
+                                   reference=a.reference, concurrency=a.judge_concurrency, price_per_million=price)
     names = [n for n in a.names.split(",")] if a.names else None
     summaries = run_eval(a.models, config, a.out, labels=names)
     print(f"{len(summaries)} results in {a.out}/results; render them with: rtune report {a.out} --out REPORT_DIR")
@@ -276,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
+    p = _parser(sub, "serve", "an OpenAI-compatible server (chat, completions, logprobs, streaming; batched)",
+                "Serve /v1/models, /v1/chat/completions (rendered with the model's own template) and "
+                "/v1/completions on HOST:PORT until Ctrl-C. Requests that arrive together are generated in "
+                "one batch; a full queue answers 429. Loopback only by default.")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (logged)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: the RTUNE_API_KEY environment variable)")
+    p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else fp32) | fp32 | bf16 | fp16")
+    p.add_argument("--max-tokens", type=int, default=512, help="a chat reply's length when a request sets none")
+    p.add_argument("--max-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long an idle server waits for more requests to batch (default 10)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 400 (default 1 MiB)")
+    p.set_defaults(func=cmd_serve)
+
     model = sub.add_parser("model", help="built-in offline models")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     p = _parser(model_sub, "model fetch", "convert a built-in model once into the cache and print its folder")
@@ -304,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")
     p.add_argument("--no-shift", action="store_true", help="skip the distribution shift against the untuned base")
     p.add_argument("--no-relevance", action="store_true", help="skip MiniLM relevance")
+    judges = p.add_argument_group("LLM judges (any OpenAI-compatible endpoint; API key from $RTUNE_JUDGE_API_KEY "
+                                  "or $OPENAI_API_KEY)")
+    judges.add_argument("--judge-url", default=None, help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    judges.add_argument("--judge-model", default=None, help="the judge model's name at that endpoint")
+    judges.add_argument("--judge", default=None, help="pairwise,aspects,refusal (default all three)")
+    judges.add_argument("--reference", default=None,
+                        help="pairwise: an evaluated model's name (e.g. it) or a JSONL file of {id, output}")
+    judges.add_argument("--judge-concurrency", type=int, default=8)
+    judges.add_argument("--judge-price", default=None, metavar="IN,OUT",
+                        help="dollars per million input,output tokens, for the cost counter")
     p.set_defaults(func=cmd_eval)
 
     p = _parser(sub, "demo", "RT vs IT vs base on the offline default (Gemma 3 270M + alpaca-demo)")

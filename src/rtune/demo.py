@@ -45,6 +45,7 @@ class DemoConfig:
     save_steps: int = 16
     safety_size: int = 16  # AdvBench and HarmBench prompts each model answers (seeded samples)
     eval_batch_size: int = 24
+    ranking_k: int = 3  # other responses each held-out reference is ranked against (the time budget)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -132,7 +133,7 @@ def run_demo(config: DemoConfig) -> dict:
     # Evaluation: cached and resumable, so a second demo run regenerates nothing.
     t = time.time()
     benches = [str(heldout_file), f"advbench:{config.safety_size}", f"harmbench:{config.safety_size}"]
-    eval_config = EvalConfig(benches=benches, seed=config.seed,
+    eval_config = EvalConfig(benches=benches, seed=config.seed, ranking_k=config.ranking_k,
                              decoding=EvalDecoding(max_new_tokens=config.max_new_tokens,
                                                    batch_size=config.eval_batch_size))
     models = {"base": config.model, "rt": str(out / "runs" / "rt"), "it": str(out / "runs" / "it")}

@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,9 @@ from rtune.eval.generation import (
 from rtune.eval.results import EVAL_INFO, metric, safe_name, write_result
 from rtune.io import write_json_atomic
 
+if TYPE_CHECKING:
+    from rtune.eval.judging import JudgeConfig
+
 log = logging.getLogger("rtune")
 SCORE_FIELDS = {"values": dict}
 
@@ -51,6 +55,7 @@ class EvalConfig:
     shift: bool = True  # token distribution shift against the untuned base (tuned models)
     relevance: bool = True  # MiniLM instruction/output similarity
     progress: bool = True
+    judge: "JudgeConfig | None" = None  # LLM judges over an OpenAI-compatible endpoint (rtune.eval.judging)
 
 
 @dataclass
@@ -86,6 +91,8 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
         raise RtuneError(f"{len(models)} models but {len(labels)} names")
     if len({safe_name(x) for x in labels}) != len(labels):
         raise RtuneError(f"model names must differ: {labels} (name them with --names)")
+    if config.judge is not None:
+        config.judge.check(labels)
     # Everything that can fail fast, before any model is loaded: benchmarks, renderers, fingerprints.
     benches = [load_benchmark(name, limit, config.seed) for name, limit in
                (bench_and_limit(b, config.limit) for b in config.benches)]
@@ -100,16 +107,51 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
         "rtune_version": rtune.__version__, "models": {m.label: {"spec": m.spec, "fingerprint": fp} for m, fp in entries},
         "benchmarks": [b.info for b in benches], "decoding": config.decoding.resolved(device_type),
         "limit": config.limit, "seed": config.seed, "ranking_k": config.ranking_k, "time": run_folder.now(),
+        "judge": None if config.judge is None else {"url": config.judge.url, "model": config.judge.model,
+                                                    "kinds": config.judge.kinds, "reference": config.judge.reference},
     })
+    # 1. Each model in turn: generations and model-based scores (a model is loaded only if needed).
+    data = {}
+    for loaded, fp in entries:
+        data[loaded.label] = collect(loaded, fp, benches, config, out_dir, device_type)
+        unload(loaded)
+    # 2. The LLM judges, over every model's outputs at once (pairwise needs the reference's).
+    judged = {}
+    if config.judge is not None:
+        from rtune.eval.judging import run_judges
+
+        judged = run_judges(config.judge, {m: {b: {"items": d["bench"].items, "rows": d["rows"]} for b, d in
+                                               benches_.items()} for m, benches_ in data.items()},
+                            out_dir, config.seed, config.progress)
+    # 3. Per-item values, summaries with intervals, written in the results layout.
     summaries = []
     for loaded, fp in entries:
-        summaries += evaluate_model(loaded, fp, benches, config, out_dir, device_type)
-        unload(loaded)
+        for name, d in data[loaded.label].items():
+            t = time.perf_counter()
+            summary, item_rows = summarise_bench(loaded, fp, d["bench"], d["rows"], d["scored"], config, device_type)
+            if judged:
+                add_judgments(summary, item_rows, judged, loaded.label, name, config)
+            summary["generation"] = d["counts"]
+            summary["timings"] = {**d["timings"], "metrics_s": round(d["timings"]["scores_s"]
+                                                                     + time.perf_counter() - t, 2)}
+            write_result(out_dir, loaded.label, name, item_rows, summary)
+            summaries.append(summary)
     return summaries
 
 
-def evaluate_model(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, out_dir: Path,
-                   device_type: str) -> list[dict]:
+def add_judgments(summary: dict, item_rows: list[dict], judged: dict, label: str, bench: str,
+                  config: EvalConfig) -> None:
+    """The LLM judges' metrics and per-item labels; their settings and counters (no API key) in "judges"."""
+    found = judged[label][bench]
+    summary["metrics"].update(found["metrics"])
+    for row, judgment in zip(item_rows, found["judgments"]):
+        row["judgments"][config.judge.model] = judgment
+    summary["judges"]["llm"] = {"url": config.judge.url, "model": config.judge.model, "kinds": config.judge.kinds,
+                                "reference": judged["_reference"], "stats": judged["_stats"]}
+
+
+def collect(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, out_dir: Path, device_type: str) -> dict:
+    """{bench name: {"bench", "rows", "scored", "counts", "timings"}}: generations and model-based scores."""
     timings: dict[str, float] = {}
     cache = generation_cache(out_dir, fp, config.decoding, device_type)
     scores = JsonlCache(out_dir / "cache" / fp["id"] / f"scores-{config.decoding.key(device_type)}.jsonl",
@@ -130,17 +172,14 @@ def evaluate_model(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, o
     if config.progress:
         print(f"[eval] {loaded.label}: generations {counts['from_cache']} cached, {counts['generated']} generated, "
               f"{counts['corrupt_cache_lines']} corrupt cache lines skipped and redone", flush=True)
-    summaries = []
+    out = {}
     for bench in benches:
         t = time.perf_counter()
-        rows = [{**cache.get(prompt_key(ids))} for ids in prompts[bench.name]]
+        rows = [{"id": item.id, **cache.get(prompt_key(ids))} for item, ids in zip(bench.items, prompts[bench.name])]
         scored = score_items(loaded, bench, prompts[bench.name], rows, scores, config)
-        summary, item_rows = summarise_bench(loaded, fp, bench, rows, scored, config, device_type)
-        summary["generation"] = counts
-        summary["timings"] = {**timings, "metrics_s": round(time.perf_counter() - t, 2)}
-        write_result(out_dir, loaded.label, bench.name, item_rows, summary)
-        summaries.append(summary)
-    return summaries
+        out[bench.name] = {"bench": bench, "rows": rows, "scored": scored, "counts": counts,
+                           "timings": {**timings, "scores_s": round(time.perf_counter() - t, 2)}}
+    return out
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -162,6 +201,11 @@ def load(loaded: LoadedModel, config: EvalConfig, device_type: str) -> None:
 
     loaded.model, loaded.tokenizer, _ = load_for_inference(loaded.spec, config.template, dtype=dtype,
                                                            device=device_type)
+    if hasattr(loaded.model, "merge_and_unload") and run_folder.base_quantization(
+            run_folder.read_run_info(loaded.spec), "evaluating") is None:
+        # A LoRA run decodes about twice as fast merged (one matmul per layer, not three); the
+        # distribution shift then loads the untuned base on its own.
+        loaded.model = loaded.model.merge_and_unload()
 
 
 def _load_vllm(loaded: LoadedModel, dtype: torch.dtype) -> None:

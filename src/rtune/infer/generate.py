@@ -77,6 +77,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "eos": a stop id; "stop": a stop string; "length": max_new_tokens
     num_tokens: int = 0  # len(token_ids)
+    # The stop id that ended the reply (generated, not in token_ids); None after a stop string or at the length limit.
+    stop_id: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -230,7 +232,8 @@ def _finish(tokenizer, new_ids: list[int], stops: _Stops) -> Generation:
         reason = "length"
     else:
         reason = "eos" if stop_id in stops.eos_ids else "stop"
-    return Generation(text=text, token_ids=ids, finish_reason=reason, num_tokens=len(ids))
+    return Generation(text=text, token_ids=ids, finish_reason=reason, num_tokens=len(ids),
+                      stop_id=stop_id if reason != "length" and at is None else None)
 
 
 def _model_device(model):

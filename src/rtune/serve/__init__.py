@@ -1,0 +1,1 @@
+"""`rtune serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with request batching."""

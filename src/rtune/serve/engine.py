@@ -1,0 +1,299 @@
+"""The model side of the server: token-id prompts in, replies and per-token log-probabilities out.
+
+One `Engine` wraps (model, tokenizer, renderer). Its tokenizer is touched by two threads only, each
+with its own copy: the render thread (`chat_prompt`, `text_prompt`, `decode`) uses a private copy,
+the model thread (`run_batch`) the original, so a fast tokenizer is never used by two threads at
+once (its settings are mutable state shared with Rust, which refuses concurrent borrows).
+
+A batch is a list of `Job`s with equal `Settings`; `run_batch` generates them in one
+`generate_ids` call and, for jobs that ask for log-probabilities, runs one more forward pass over
+prompt + reply (in chunks continued through the KV cache, so the logits of a long prompt never
+exist at once). Log-probabilities are those of the model's own distribution, before temperature
+and top-p, as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rtune.infer.generate import Generation, GenerationConfig, generate_ids
+
+LOGIT_BUDGET = 1 << 26  # fp32 logits held at once by a log-probability pass (256 MiB)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Decoding settings: requests with equal `key`s are generated in one call."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    raw: bool = False  # /v1/completions: only the end ids and `stop` end a reply, not the template's turn headers
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def alone(self) -> bool:
+        """A seeded sample runs alone, so that the same seed gives the same reply whatever else is queued."""
+        return not self.greedy and self.seed is not None
+
+    @property
+    def key(self) -> tuple:
+        sampling = () if self.greedy else (self.temperature, self.top_p, self.top_k, self.seed)
+        return (self.max_tokens, self.stop, self.raw, self.repetition_penalty, sampling)
+
+    def generation_config(self, batch_size: int) -> GenerationConfig:
+        seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
+        return GenerationConfig(
+            max_new_tokens=self.max_tokens,
+            do_sample=not self.greedy,
+            temperature=self.temperature if not self.greedy else 1.0,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            batch_size=batch_size,
+            seed=seed % 2**63,
+            stop=list(self.stop),
+        )
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt to answer."""
+
+    prompt_ids: list[int]
+    settings: Settings
+    logprobs: int | None = None  # None: none; k: each token's log-prob and the k most likely alternatives
+    echo: bool = False  # with logprobs: the prompt tokens' log-probs too (the first is None)
+    streamer: object | None = None  # a transformers streamer: the job runs alone
+    cancelled: bool = False  # set by the client side; the batcher skips it, a streamer aborts
+    arrived: float = 0.0  # event-loop time when queued
+    future: object | None = field(default=None, repr=False)
+
+    @property
+    def alone(self) -> bool:
+        return self.streamer is not None or self.settings.alone
+
+
+MIN_LOGPROB = -9999.0  # a token of probability 0 (a masked logit): JSON has no -Infinity
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float | None  # None: the first prompt token (nothing predicts it)
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (None: unknown)
+    top: list[tuple[str, float, list[int] | None]] = field(default_factory=list)  # (token, logprob, bytes), most likely first
+    token_id: int = -1
+    special: bool = False  # a special token (BOS, EOS): not in the reply's text, which skips them
+
+
+@dataclass
+class Result:
+    text: str  # the reply (special tokens skipped, cut before a stop string)
+    finish_reason: str  # OpenAI's: "stop" (an end id or a stop string) or "length"
+    completion_tokens: int  # reply tokens plus the end token when the model generated one
+    logprobs: list[TokenLogprob] | None = None  # (prompt if echo) + reply (+ end token on /v1/completions)
+
+
+class StreamCancelled(Exception):
+    """The client of a streamed reply went away: generation stops."""
+
+
+class _EndIdsOnly:
+    """A renderer stand-in for raw completions: the model's end ids stop a reply, no turn headers."""
+
+    def __init__(self, stop_ids: list[int]):
+        self.stop_ids = list(stop_ids)
+        self.stop_strings: list[str] = []
+
+
+def context_length(model) -> int | None:
+    """The model's context window (max_position_embeddings), or None when it does not say."""
+    config = getattr(model, "config", None)
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for c in configs:
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def default_model_name(model_or_run) -> str:
+    return Path(str(model_or_run).rstrip("/")).name or str(model_or_run)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Engine:
+    """(model, tokenizer, renderer) behind the server, with the served name and the context window."""
+
+    def __init__(self, model, tokenizer, renderer, name: str, context: int | None = None):
+        from rtune.render import Renderer
+
+        self.model, self.tokenizer, self.renderer, self.name = model, tokenizer, renderer, name
+        self.context = context if context is not None else context_length(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self._raw_stops = _EndIdsOnly(renderer.stop_ids)
+        # The render thread's own tokenizer and renderer (see the module docstring).
+        self._render_tokenizer = copy.deepcopy(tokenizer)
+        self._render_renderer = Renderer.from_dict(renderer.to_dict(), self._render_tokenizer)
+        self._pieces: dict[int, tuple[str, list[int] | None]] = {}
+        self._special_ids = set(tokenizer.all_special_ids)
+        self._byte_level = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
+        self._bytes_map = _byte_decoder() if self._byte_level else {}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    # -- render thread ----------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A conversation ending with a user turn -> prompt ids, in the model's own rtune template."""
+        return self._render_renderer.render_chat_prompt(messages)
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Raw prompt text -> ids, as the tokenizer encodes it (a BOS where the model wants one)."""
+        return list(self._render_tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._render_tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- model thread -----------------------------------------------------------------------------
+    def streamer(self, settings: Settings, job: Job, write) -> object:
+        """A streamer that calls write(text) with the reply's text as it is generated (stop strings held
+        back and cut, exactly as the reply), and aborts generation once `job.cancelled` is set."""
+        from rtune.infer.chat import _Streamer
+        from rtune.infer.generate import reply_stop_strings
+
+        stops = self._raw_stops if settings.raw else self.renderer
+        strings = reply_stop_strings(stops, GenerationConfig(stop=list(settings.stop)))
+
+        class _Output:
+            def write(self, text):
+                write(text)
+
+            def flush(self):
+                pass
+
+        class _JobStreamer(_Streamer):
+            def put(self, value):
+                if job.cancelled:
+                    raise StreamCancelled()
+                super().put(value)
+
+        return _JobStreamer(self.tokenizer, _Output(), strings)
+
+    def run_batch(self, jobs: list[Job]) -> list[Result]:
+        """Answer jobs with equal settings in one generate call (in input order)."""
+        settings = jobs[0].settings
+        assert all(j.settings.key == settings.key for j in jobs), "a batch mixes decoding settings"
+        gens: list[Generation | None] = [None] * len(jobs)
+        if settings.max_tokens > 0:
+            streamer = jobs[0].streamer if len(jobs) == 1 else None
+            gens = generate_ids(
+                self.model, self.tokenizer, self._raw_stops if settings.raw else self.renderer,
+                [j.prompt_ids for j in jobs], settings.generation_config(len(jobs)), streamer=streamer,
+            )  # fmt: skip
+        return [self._result(job, gen) for job, gen in zip(jobs, gens)]
+
+    def _result(self, job: Job, gen: Generation | None) -> Result:
+        if gen is None:  # max_tokens 0: the prompt alone
+            gen = Generation(text="", token_ids=[], finish_reason="length", num_tokens=0)
+        ended = gen.stop_id is not None
+        result = Result(text=gen.text, finish_reason="length" if gen.finish_reason == "length" else "stop",
+                        completion_tokens=gen.num_tokens + ended)
+        if job.logprobs is not None:
+            # /v1/completions also shows the end token (likelihood clients drop the last entry).
+            reply = gen.token_ids + ([gen.stop_id] if ended and job.settings.raw else [])
+            start = 0 if job.echo else len(job.prompt_ids)
+            result.logprobs = self.token_logprobs(job.prompt_ids + reply, start, job.logprobs)
+        return result
+
+    def _forward(self, ids: list[int], cache, keep: int | None):
+        kwargs = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[0], out.past_key_values
+
+    @torch.inference_mode()
+    def token_logprobs(self, ids: list[int], start: int, top: int) -> list[TokenLogprob]:
+        """log p(ids[t] | ids[:t]) for t >= start, with the `top` most likely tokens at each t.
+
+        t = 0 has no prediction: its entry (when start is 0) has logprob None."""
+        out: list[TokenLogprob] = []
+        if start == 0 and ids:
+            text, raw = self.piece(ids[0])
+            out.append(TokenLogprob(text, None, raw, [], ids[0], ids[0] in self._special_ids))
+        first = max(start, 1)  # the first predicted position
+        if first >= len(ids):
+            return out
+        cache = None
+        pos = 0
+        if first - 1 > 0:  # the context before the first prediction: its KV cache only
+            _, cache = self._forward(ids[: first - 1], None, 1)
+            pos = first - 1
+        chunk = max(16, LOGIT_BUDGET // self.vocab_size)
+        while pos < len(ids) - 1:
+            end = min(len(ids) - 1, pos + chunk)  # feed ids[pos:end]: they predict ids[pos + 1 : end + 1]
+            logits, cache = self._forward(ids[pos:end], cache, None)
+            logits = logits[-(end - pos):].float()  # fp32 for the normalisation, whatever the model's dtype
+            lse = torch.logsumexp(logits, dim=-1)
+            targets = torch.tensor(ids[pos + 1 : end + 1], device=logits.device)
+            chosen = (logits.gather(-1, targets[:, None]).squeeze(-1) - lse).clamp(min=MIN_LOGPROB).tolist()
+            if top > 0:
+                values, indices = logits.topk(min(top, logits.shape[-1]), dim=-1)
+                values, indices = (values - lse[:, None]).clamp(min=MIN_LOGPROB).tolist(), indices.tolist()
+            for row, token_id in enumerate(ids[pos + 1 : end + 1]):
+                alts = [(self.piece(i)[0], v, self.piece(i)[1]) for i, v in zip(indices[row], values[row])] if top else []
+                text, raw = self.piece(token_id)
+                out.append(TokenLogprob(text, chosen[row], raw, alts, token_id, token_id in self._special_ids))
+            pos = end
+        return out
+
+    def piece(self, token_id: int) -> tuple[str, list[int] | None]:
+        """(text, UTF-8 bytes) of one token; the bytes are exact for byte-level and byte-fallback tokens
+        (whose text alone is a replacement character), None where they are not known."""
+        hit = self._pieces.get(token_id)
+        if hit is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw: list[int] | None = list(text.encode("utf-8"))
+            if "\ufffd" in text:
+                token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+                m = _BYTE_PIECE.fullmatch(token)
+                if m:
+                    raw = [int(m.group(1), 16)]
+                elif self._byte_level and token and all(c in self._bytes_map for c in token):
+                    raw = [self._bytes_map[c] for c in token]
+                else:
+                    raw = None
+            hit = self._pieces[token_id] = (text, raw)
+        return hit
+

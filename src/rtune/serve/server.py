@@ -1,0 +1,140 @@
+"""Running the app: `serve` (what `rtune serve` calls) and `ServerThread` (a server in a background thread).
+
+The listening socket is bound here, before uvicorn starts, so `--port 0` picks a free port and the
+log line `rtune serve: listening on http://HOST:PORT/v1` names the real one. Loopback by default;
+listening elsewhere without an API key is allowed but warned about.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Self
+
+from rtune.errors import RtuneError
+
+logger = logging.getLogger("rtune.serve")
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise RtuneError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port (port 0: a free one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise RtuneError(f"cannot listen on {host}:{port}: {e}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn_server(app):
+    import uvicorn
+
+    # log_config=None: rtune's logging stays as it is; the access log is rtune.serve's own (no bodies).
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=30)
+    return uvicorn.Server(config)
+
+
+def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          template: str | None = None, model_name: str | None = None, dtype: str | None = None,
+          max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_queue: int = 64,
+          max_body_bytes: int = 1 << 20, max_tokens: int = 512) -> None:
+    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C)."""
+    from rtune.infer.load import load_for_inference
+    from rtune.serve.app import create_app
+    from rtune.serve.engine import Engine, default_model_name
+
+    if max_batch_size < 1 or max_queue < 1 or max_tokens < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
+        raise RtuneError("--max-batch-size, --max-queue, --max-tokens and --max-body-bytes must be >= 1, "
+                         "--batch-wait-ms >= 0")
+    torch_dtype = _dtype(dtype)
+    sock = bind_socket(host, port)  # before the (slow) load: a taken port fails at once
+    if not _is_loopback(host) and not api_key:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use the model "
+                       "(set --api-key or RTUNE_API_KEY)", host)
+    try:
+        model, tokenizer, renderer = load_for_inference(model_or_run, template=template, dtype=torch_dtype)
+        engine = Engine(model, tokenizer, renderer, model_name or default_model_name(model_or_run))
+        app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                         max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens)
+    except BaseException:
+        sock.close()
+        raise
+    logger.info("rtune serve: listening on %s/v1 (model %r, context %s tokens, batches of up to %d, queue %d%s)",
+                _url(sock), engine.name, engine.context, max_batch_size, max_queue,
+                ", API key required" if api_key else "")
+    _uvicorn_server(app).run(sockets=[sock])
+
+
+class ServerThread:
+    """An app served by uvicorn in a background thread on host:port (port 0: a free one).
+
+        with ServerThread(create_app(engine)) as server:
+            OpenAI(base_url=server.url + "/v1", api_key="none")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        self.app = app
+        self.sock = bind_socket(host, port)
+        self.url = _url(self.sock)
+        self.server = _uvicorn_server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="rtune-serve")
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def api_key_from_env(given: str | None) -> str | None:
+    """--api-key, else the RTUNE_API_KEY environment variable (which keeps the key out of `ps`)."""
+    return given or os.environ.get("RTUNE_API_KEY") or None
