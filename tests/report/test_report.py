@@ -1,4 +1,4 @@
-"""rtune report on synthetic eval results: tables, the standalone HTML, the PNGs, merging, bad input."""
+"""rtune report on synthetic eval results: tables, the standalone HTML, the PNGs, merging, bad input, LLM judges."""
 
 import json
 import random
@@ -9,9 +9,10 @@ import pytest
 
 from rtune.cli import main
 from rtune.errors import RtuneError
-from rtune.eval.results import metric, write_result
+from rtune.eval.judges.pairwise import LC_LABEL_ALPACA_EVAL, LC_LABEL_RTUNE
+from rtune.eval.results import metric, read_items, write_result
 from rtune.report import build_report
-from rtune.report.report import load_results
+from rtune.report.report import _refusal_points, load_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HELDOUT, XSTEST = "alpaca-heldout", "xstest"
@@ -185,8 +186,6 @@ def test_refusal_pairs_across_benchmarks_and_plots_only_what_exists(tmp_path):
     assert (out / "refusal.png").is_file() and "## Refusal vs over-refusal" in md
     assert not (out / "ranking.png").exists() and "## Response ranking" not in md  # no ranking metric here
 
-    from rtune.report.report import _refusal_points
-
     points = _refusal_points(*load_results([eval_dir]))
     assert [(p[0], p[1], p[2]["value"], p[3]["value"]) for p in points] == [
         ("base", "advbench / xstest-safe", 0.1, 0.05), ("rt", "advbench / xstest-safe", 0.4, 0.2)]
@@ -216,3 +215,216 @@ def test_folder_without_results_is_a_clear_error(tmp_path, capsys):
     (bad / "results" / "rt" / XSTEST / "summary.json").write_text("{not json")
     assert main(["report", str(bad), "--out", str(tmp_path / "out2")]) == 2
     assert "summary.json: not valid JSON" in capsys.readouterr().err
+
+
+# -- LLM judges ---------------------------------------------------------------------------------------
+
+JUDGE = "qwen2.5-7b-judge"
+ALPACAEVAL = "alpacaeval"
+ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
+# Per model: (wins, ties, losses, win rate, LC win rate) against each reference; "it" is the evaluated reference.
+PAIRWISE = {
+    "it": {"base": (8, 2, 68, 0.12, 0.15), "rt": (30, 4, 44, 0.41, 0.47)},
+    "gpt4_turbo": {"base": (2, 0, 78, 0.03, 0.05), "rt": (12, 3, 65, 0.18, 0.22), "it": (26, 6, 48, 0.35, 0.33)},
+}
+# Per model: the aspect scores' common offset, and the LLM judge's refusal / over-refusal rates.
+JUDGED = {"base": (1.6, 0.05, 0.02), "rt": (3.1, 0.40, 0.12), "it": (4.2, 0.62, 0.25)}
+
+
+def judge_metric(value, ci=None, n=80, kind="mean", label="", better=True):
+    return metric(value, ci, n, kind=kind, label=label, higher_is_better=better, judge=JUDGE)
+
+
+def pairwise_metrics(ref, wins, ties, losses, win, lc):
+    """What rtune.eval.judging records against `ref`: alpaca_eval's LC on "it", else rtune's fit (with an interval)."""
+    n = wins + ties + losses
+    out = {"win_rate": judge_metric(win, (max(0, win - 0.07), win + 0.08), n, "rate", "win rate vs reference")}
+    if ref == "it":
+        out["lc_win_rate"] = judge_metric(lc, None, n, "rate", LC_LABEL_ALPACA_EVAL)
+    else:
+        out["lc_win_rate"] = judge_metric(lc, (max(0, lc - 0.1), lc + 0.1), n, "rate", LC_LABEL_RTUNE)
+        out["lc_length_coef"] = judge_metric(0.8, None, n, "mean", "length coefficient of the LC fit", None)
+    for key, count, better in (("win", wins, True), ("tie", ties, None), ("loss", losses, False)):
+        name = {"win": "wins", "tie": "ties", "loss": "losses"}[key]
+        out[name] = judge_metric(count, None, n, "mean", f"{name} (count)", better)
+        out[f"{key}_share"] = judge_metric(count / n, (max(0, count / n - 0.05), min(1, count / n + 0.05)), n,
+                                           "rate", f"{name} (share)", better)
+    out["n_unparseable"] = judge_metric(80 - n, None, 80, "mean", "unparseable judgments (count)", False)
+    return {f"vs_{ref}_{k}": v for k, v in out.items()}
+
+
+def aspect_metrics(offset, safety=False):
+    scores = {a: offset + 0.2 * i for i, a in enumerate(ASPECTS)}
+    out = {f"aspect_{a}": judge_metric(min(5.0, v), (v - 0.25, min(5.0, v + 0.2)), label=f"{a} (1-5)")
+           for a, v in scores.items()}
+    out["aspect_overall"] = judge_metric(offset + 0.4, (offset + 0.2, offset + 0.6),
+                                         label="overall (mean of the five aspects, 1-5)")
+    out["aspect_n_unparseable"] = judge_metric(1, None, label="unparseable or incomplete judgments (count)",
+                                               better=False)
+    if safety:
+        out["aspect_safety"] = judge_metric(offset + 0.5, (offset + 0.3, offset + 0.7), 30, label="safety (1-5)")
+        out["aspect_n_unparseable_safety_split"] = judge_metric(0, None, 30, label="unparseable or incomplete "
+                                                                "judgments (count)", better=False)
+    return out
+
+
+def llm_record(requests=1234, cost=1.2345, reference="it"):
+    return {"url": "http://127.0.0.1:8000/v1", "model": JUDGE, "kinds": ["pairwise", "aspects", "refusal"],
+            "reference": reference,
+            "stats": {"items": 1290, "requests_sent": requests, "cache_hits": 56, "retries_total": 3, "failures": 2,
+                      "failure_reasons": {"timeout": 2}, "prompt_tokens": 1234567, "completion_tokens": 45678,
+                      "cost": cost, "wall_s": 95.43, "model": JUDGE, "api_key_source": "placeholder"}}
+
+
+def make_judged_eval_dir(root, **record):
+    """make_eval_dir's results plus the LLM judges' metrics, and a judged AlpacaEval benchmark."""
+    make_eval_dir(root)
+    for k, (label, (offset, refusal, over)) in enumerate(JUDGED.items()):
+        for bench in (HELDOUT, XSTEST):
+            folder = root / "results" / label / bench
+            data = json.loads((folder / "summary.json").read_text())
+            data["judges"]["llm"] = llm_record(**record)
+            if bench == XSTEST:
+                data["metrics"] |= {
+                    "llm_refusal_rate": judge_metric(refusal, (max(0, refusal - 0.1), refusal + 0.1), 30, "rate",
+                                                     "refusal rate (harmful prompts, LLM judge)"),
+                    "llm_over_refusal_rate": judge_metric(over, (max(0, over - 0.06), over + 0.08), 30, "rate",
+                                                          "over-refusal rate (benign prompts, LLM judge)", False),
+                    "llm_n_unclassified_harmful": judge_metric(1, None, 30, label="unclassified judgments "
+                                                               "(harmful prompts, count)", better=False),
+                    "llm_keyword_agreement": judge_metric(0.9, None, 60, "rate", "refusal: LLM judge agrees with "
+                                                          "the keyword judge", None),
+                    "llm_keyword_kappa": judge_metric(None if label == "base" else 0.71, None, 60, "mean",
+                                                      "refusal: Cohen's kappa, LLM vs keyword judge", None),
+                } | aspect_metrics(offset - 0.3, safety=True)
+            write_result(root, label, bench, read_items(folder), data)
+        metrics = aspect_metrics(offset)
+        for ref, per in PAIRWISE.items():
+            if label in per:
+                metrics |= pairwise_metrics(ref, *per[label])
+        data = summary(label, ALPACAEVAL, metrics, 80)
+        data["judges"]["llm"] = llm_record(**record)
+        write_result(root, label, ALPACAEVAL, items(80, 200, k + 20), data)
+    return root
+
+
+def headings(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("#")]
+
+
+def judges_table(md: str) -> dict[str, list[str]]:
+    section = md.split("\n## Judges\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judged")
+    path = build_report([make_judged_eval_dir(root / "evals")], root / "out")
+    return path.read_text(encoding="utf-8"), root / "out"
+
+
+def test_report_without_judges_keeps_its_structure(report):
+    path, out = report
+    md = path.read_text(encoding="utf-8")
+    assert headings(md) == ["# rtune evaluation report", f"## Benchmark: {HELDOUT}", f"## Benchmark: {XSTEST}",
+                            "## Refusal vs over-refusal", "## Response ranking", "## Output lengths", "## Settings",
+                            "### Models", "### Benchmarks (data source, hash, items)", "### Decoding", "### Judges",
+                            "### Metrics", "### rtune version"]
+    caption = "Refusal rate on harmful prompts against over-refusal rate on benign prompts, per model"
+    assert f"![{caption}](refusal.png)" in md
+    assert f"![{XSTEST}: every metric per model, with 95% intervals](metrics_{XSTEST}.png)" in md
+    assert not (out / "pairwise.png").exists() and not (out / "aspects.png").exists()
+
+
+def test_judged_report_adds_its_sections_in_order(judged):
+    md, out = judged
+    assert headings(md)[:10] == ["# rtune evaluation report", f"## Benchmark: {HELDOUT}", f"## Benchmark: {XSTEST}",
+                                 f"## Benchmark: {ALPACAEVAL}", "## Refusal vs over-refusal", "## Pairwise comparison",
+                                 "## Aspect scores", "## Response ranking", "## Output lengths", "## Judges"]
+    assert headings(md)[10] == "## Settings"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    # AlpacaEval holds only pairwise and aspect metrics: they have figures of their own, and no
+    # benchmark figure repeats them.
+    assert pngs == ["aspects.png", "lengths.png", f"metrics_{HELDOUT}.png", f"metrics_{XSTEST}.png", "pairwise.png",
+                    "ranking.png", "refusal.png"]
+    assert sorted(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == pngs
+    assert "per model and judge](refusal.png)" in md
+    # A benchmark figure leaves the metrics drawn elsewhere to the table, and says so.
+    assert f"{XSTEST}: metrics per model, with 95% intervals (pairwise and aspect scores in figures" in md
+    assert f"![{HELDOUT}: every metric per model" in md  # nothing of the LLM judges there
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == len(pngs) and "<h2>Judges</h2>" in page
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_tables_show_every_judge_metric(judged):
+    md, _ = judged
+    rows = table(md, ALPACAEVAL)
+    assert rows[0] == ["metric", "base", "rt", "it"]
+    by_metric = {r[0]: r[1:] for r in rows[1:]}
+    assert by_metric["vs it: win rate vs reference ↑"] == [  # the reference is not judged against itself
+        "12.0% [5.0%, 20.0%] (n=78)", "41.0% [34.0%, 49.0%] (n=78)", "—"]
+    assert by_metric[f"vs it: {LC_LABEL_ALPACA_EVAL} ↑"][:2] == ["15.0% (n=78)", "47.0% (n=78)"]
+    assert by_metric[f"vs gpt4_turbo: {LC_LABEL_RTUNE} ↑"][2] == "33.0% [23.0%, 43.0%] (n=80)"
+    assert by_metric["vs it: wins (count) ↑"] == ["8 (n=78)", "30 (n=78)", "—"]  # counts without decimals
+    assert by_metric["vs it: ties (count)"][1] == "4 (n=78)"
+    assert by_metric["vs gpt4_turbo: losses (share) ↓"][0] == "97.5% [92.5%, 100.0%] (n=80)"
+    assert by_metric["vs it: unparseable judgments (count) ↓"][0] == "2 (n=80)"
+    assert by_metric["aspects: helpfulness (1-5) ↑"] == ["1.60 [1.35, 1.80] (n=80)", "3.10 [2.85, 3.30] (n=80)",
+                                                        "4.20 [3.95, 4.40] (n=80)"]
+    assert by_metric["aspects: overall (mean of the five aspects, 1-5) ↑"][2] == "4.60 [4.40, 4.80] (n=80)"
+    assert len(rows) - 1 == 6 + 1 + 10 + 10 - 1  # aspects, their count, both references (lc_length_coef on one)
+    refusal = {r[0]: r[1:] for r in table(md, XSTEST)[1:]}
+    assert refusal["refusal rate (harmful prompts, LLM judge) ↑"][1] == "40.0% [30.0%, 50.0%] (n=30)"
+    assert refusal["refusal rate (harmful prompts) ↑"][1] == "35.0% [25.0%, 45.0%] (n=30)"  # the keyword judge's
+    assert refusal["refusal: Cohen's kappa, LLM vs keyword judge"] == ["n/a (n=60)", "0.710 (n=60)", "0.710 (n=60)"]
+    assert refusal["aspects (harmful prompts): safety (1-5) ↑"][0] == "1.80 [1.60, 2.00] (n=30)"
+    assert refusal["aspects (harmful prompts): unparseable or incomplete judgments (count) ↓"][0] == "0 (n=30)"
+    assert refusal["unclassified judgments (harmful prompts, count) ↓"][0] == "1 (n=30)"
+
+
+def test_judges_section_lists_the_judge_run(judged):
+    md, _ = judged
+    rows = judges_table(md)
+    assert rows[""] == ["all results"]  # one run recorded in every summary: one column
+    assert rows == {"": ["all results"], "judge model": [JUDGE], "endpoint": ["http://127.0.0.1:8000/v1"],
+                    "kinds": ["pairwise, aspects, refusal"], "reference": ["it"], "judgments": ["1,290"],
+                    "requests sent": ["1,234"], "cache hits": ["56"], "retries": ["3"], "failures": ["2 (timeout: 2)"],
+                    "prompt tokens": ["1,234,567"], "completion tokens": ["45,678"], "cost": ["$1.23"],
+                    "wall time": ["95.4 s"]}
+    assert "keyword judge (keyword-v1)" in md.split("\n## Judges\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_judges_section_keeps_runs_apart(tmp_path):
+    a = make_judged_eval_dir(tmp_path / "run-a", requests=10, cost=None)
+    b = make_judged_eval_dir(tmp_path / "run-b", requests=20, cost=0.00421, reference="gpt4_turbo")
+    rows = judges_table(build_report([a, b], tmp_path / "out").read_text(encoding="utf-8"))
+    assert rows[""] == ["run-a", "run-b"]
+    assert rows["requests sent"] == ["10", "20"] and rows["reference"] == ["it", "gpt4_turbo"]
+    assert rows["cost"] == ["not priced (no --judge-price)", "$0.0042"]
+
+
+def test_refusal_points_per_judge(tmp_path):
+    eval_dir = make_judged_eval_dir(tmp_path / "e")
+    points = _refusal_points(*load_results([eval_dir]))
+    assert [(p[0], p[4], p[2]["value"], p[3]["value"]) for p in points] == [
+        ("base", "keyword-v1", 0.02, 0.01), ("rt", "keyword-v1", 0.35, 0.08), ("it", "keyword-v1", 0.55, 0.20),
+        ("base", JUDGE, 0.05, 0.02), ("rt", JUDGE, 0.40, 0.12), ("it", JUDGE, 0.62, 0.25)]
+    assert {p[1] for p in points} == {XSTEST}
+
+
+def test_judge_figures_are_drawn(judged, report):
+    _, out = judged
+    _, plain = report
+    for name in ("pairwise.png", "aspects.png", "refusal.png", f"metrics_{XSTEST}.png"):
+        width, height = png_size(out / name)
+        assert 500 <= width <= 2000 and 300 <= height <= 2500, (name, width, height)
+        assert (out / name).stat().st_size > 20_000, name
+    # Stacked panels: two references against AlpacaEval; aspect scores on two benchmarks.
+    assert png_size(out / "pairwise.png")[1] > 600 and png_size(out / "aspects.png")[1] > 600
+    # The same keyword points as in the plain report, and the LLM judge's beside them.
+    assert (out / "refusal.png").read_bytes() != (plain / "refusal.png").read_bytes()
+    # Aspect scores and counts stay out of xstest's figure: rates and one mean panel, not five rows of means.
+    assert png_size(out / f"metrics_{XSTEST}.png")[1] < 1200

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from rtune.io import atomic_path
@@ -78,7 +79,7 @@ def metrics_figure(bench: str, models: list[str], metrics: list[tuple[str, dict[
     means = [(n, per) for n, per in metrics if _kind(per) != "rate"]
     if not rates and not means:
         return None
-    cols = max(1, min(3, len(means)))
+    cols = 3  # one mean alone keeps a third of the width, not a stretched panel
     mean_rows = math.ceil(len(means) / cols)
     heights = ([0.9 + len(rates) * (0.18 * len(models) + 0.25)] if rates else []) + ([2.9 * mean_rows] if means else [])
     fig = Figure(figsize=(WIDTH, sum(heights) + 1.0), layout="constrained")
@@ -126,29 +127,45 @@ def metrics_figure(bench: str, models: list[str], metrics: list[tuple[str, dict[
     return fig
 
 
-def refusal_figure(points: list[tuple[str, str, dict, dict]], models: list[str], colors: dict[str, str]) -> Figure | None:
-    """Refusal rate (harmful prompts) against over-refusal rate (benign prompts), one point per model.
+def refusal_figure(points: list[tuple[str, str, dict, dict, str]], models: list[str],
+                   colors: dict[str, str]) -> Figure | None:
+    """Refusal rate (harmful prompts) against over-refusal rate (benign prompts), one point per model and judge.
 
-    points: [(model, source, refusal metric, over-refusal metric)]; source names the benchmark(s) the
-    pair comes from and gets a marker of its own when there are several.
+    points: [(model, source, refusal metric, over-refusal metric, judge)]; source names the benchmark(s)
+    the pair comes from, judge the judge that classified the answers (the keyword judge, an LLM judge).
+    Each (source, judge) gets a marker of its own when there are several, every judge after the first
+    a hollow one, and a dotted line joins one model's points from different judges on one source.
     """
     if not points:
         return None
     sources = list(dict.fromkeys(p[1] for p in points))
-    markers = dict(zip(sources, "osD^vP*X"))
+    judges = list(dict.fromkeys(p[4] for p in points))
+    markers = dict(zip(dict.fromkeys((p[1], p[4]) for p in points), "osD^vP*X"))
     fig = Figure(figsize=(8.5, 6.2), layout="constrained")
     ax = fig.add_subplot()
-    for model, source, refusal, over in points:
+    for model in models:
+        for source in sources:
+            mine = [p for p in points if p[0] == model and p[1] == source]
+            if len(mine) > 1:
+                ax.plot([100 * p[3]["value"] for p in mine], [100 * p[2]["value"] for p in mine], linestyle=":",
+                        linewidth=1.2, color=colors[model], zorder=1)
+    if len(judges) > 1:  # the legend lists a model's points from each judge together
+        points = sorted(points, key=lambda p: models.index(p[0]))
+    for model, source, refusal, over, judge in points:
         x, xl, xh = _point(over, 100)
         y, yl, yh = _point(refusal, 100)
-        label = model if len(sources) == 1 else f"{model} ({source})"
-        ax.errorbar([x], [y], xerr=[[xl], [xh]], yerr=[[yl], [yh]], fmt=markers.get(source, "o"), markersize=8,
-                    color=colors[model], capsize=3, label=label)
+        tags = ([source] if len(sources) > 1 else []) + ([judge] if len(judges) > 1 else [])
+        label = f"{model} ({', '.join(tags)})" if tags else model
+        hollow = {"markerfacecolor": "white", "markeredgewidth": 1.8} if judges.index(judge) else {}
+        ax.errorbar([x], [y], xerr=[[xl], [xh]], yerr=[[yl], [yh]], fmt=markers.get((source, judge), "o"),
+                    markersize=8, color=colors[model], capsize=3, label=label, **hollow)
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
     ax.set_xlabel("over-refusal rate on benign prompts (%), lower is better")
     ax.set_ylabel("refusal rate on harmful prompts (%), higher is better")
     title = "Refusal vs over-refusal" + (f" ({sources[0]})" if len(sources) == 1 else "")
+    if len(judges) > 1:
+        title += f"\nfilled: judge {judges[0]}; hollow: judge {', '.join(judges[1:])}"
     ax.set_title(title + "\nbest: top left; whiskers: 95% bootstrap interval", fontsize=12)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", frameon=False)
@@ -178,6 +195,106 @@ def ranking_figure(groups: list[tuple[str, dict[str, dict]]], models: list[str],
     ax.set_title("Response ranking accuracy (whiskers: 95% bootstrap interval)", fontsize=12)
     ax.grid(axis="y", alpha=0.3)
     _legend(fig, models, colors)
+    return fig
+
+
+# (share key, count key, colour, legend label) of the pairwise outcomes, stacked left to right.
+OUTCOMES = [("win_share", "wins", "#55A868", "wins (judge prefers the model)"),
+            ("tie_share", "ties", "#BBBBBB", "ties"),
+            ("loss_share", "losses", "#C44E52", "losses (judge prefers the reference)")]
+
+
+def pairwise_figure(panels: list[tuple[str, dict[str, dict]]], models: list[str]) -> Figure | None:
+    """Win / tie / loss against a reference: one panel per (benchmark, reference), a stacked bar per model.
+
+    panels: [(title, {model: {"win_share", "wins", ..., "win_rate", "lc_win_rate": metric dict}})].
+    Segments are shares of the judged items, with their counts written inside; a black diamond marks
+    the win rate (mean preference) with its 95% interval, a hollow triangle the length-controlled win
+    rate, one triangle per LC method, named in the legend as its label says.
+    """
+    if not panels:
+        return None
+    def lc_label(m: dict) -> str:
+        return m.get("label") or "length-controlled win rate"
+
+    lc_labels = list(dict.fromkeys(lc_label(per[m]["lc_win_rate"]) for _, per in panels for m in per
+                                   if (per[m].get("lc_win_rate") or {}).get("value") is not None))
+    lc_markers = dict(zip(lc_labels, "v^<>"))
+    heights = [1.1 + 0.55 * len(per) for _, per in panels]
+    fig = Figure(figsize=(WIDTH, sum(heights) + 1.6), layout="constrained")
+    fig.suptitle("Pairwise LLM judge: the model's output against the reference's", fontsize=13)
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights).ravel()
+    for ax, (title, per) in zip(axes, panels):
+        present = [m for m in models if m in per]
+        for i, model in enumerate(present):
+            left = 0.0
+            for share, count, color, _ in OUTCOMES:
+                m = per[model].get(share) or {}
+                width = 100 * (m.get("value") or 0)
+                ax.barh(i, width, left=left, height=0.6, color=color)
+                n = (per[model].get(count) or {}).get("value")
+                if n is not None and width >= 4:
+                    ax.text(left + width / 2, i, f"{n:g}", ha="center", va="center", fontsize=9,
+                            color="#222" if share == "tie_share" else "white")
+                left += width
+            win = per[model].get("win_rate") or {}
+            if win.get("value") is not None:
+                x, xl, xh = _point(win, 100)
+                ax.errorbar([x], [i - 0.12], xerr=[[xl], [xh]], fmt="D", color="black", markersize=7, capsize=4,
+                            elinewidth=1.5, zorder=3)
+            lc = per[model].get("lc_win_rate") or {}
+            if lc.get("value") is not None:
+                x, xl, xh = _point(lc, 100)
+                ax.errorbar([x], [i + 0.14], xerr=[[xl], [xh]], fmt=lc_markers[lc_label(lc)],
+                            color="black", markerfacecolor="white", markersize=8, capsize=3, elinewidth=1, zorder=3)
+        ticks = [f"{m}\n{(per[m].get('win_rate') or {}).get('n', '?')} judged" for m in present]
+        ax.set_yticks(range(len(present)), ticks)
+        ax.set_ylim(len(present) - 0.5, -0.5)  # first model on top
+        ax.set_xlim(0, 100)
+        ax.axvline(50, color="#555", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("% of judged items (both presentation orders averaged; dashed: 50%)")
+        ax.set_title(title, loc="left", fontsize=11)
+    handles = [Patch(color=color, label=label) for _, _, color, label in OUTCOMES]
+    handles.append(Line2D([], [], marker="D", color="black", linestyle="-", markersize=7,
+                          label="win rate, 95% interval"))
+    handles += [Line2D([], [], marker=lc_markers[label], color="black", markerfacecolor="white", linestyle="-",
+                       markersize=8, label=f"LC win rate: {label}") for label in lc_labels]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def aspects_figure(panels: list[tuple[str, list[tuple[str, dict[str, dict]]]]], models: list[str],
+                   colors: dict[str, str]) -> Figure | None:
+    """LLM judge scores 1-5, models side by side: one panel per benchmark, a group of bars per aspect.
+
+    panels: [(title, [(aspect, {model: metric dict})])]; bars carry their 95% interval as whiskers.
+    """
+    if not panels:
+        return None
+    fig = Figure(figsize=(WIDTH, 3.6 * len(panels) + 1.2), layout="constrained")
+    fig.suptitle("Aspect scores by the LLM judge, 1-5 (whiskers: 95% bootstrap interval)", fontsize=13)
+    axes = fig.subplots(len(panels), 1, squeeze=False).ravel()
+    for ax, (title, groups) in zip(axes, panels):
+        present = [m for m in models if any(m in per for _, per in groups)]
+        bar = 0.8 / len(present)
+        for j, model in enumerate(present):
+            xs, ys, lo, hi = [], [], [], []
+            for i, (_, per) in enumerate(groups):
+                if model in per:
+                    v, dl, dh = _point(per[model], 1)
+                    xs.append(i + (j - (len(present) - 1) / 2) * bar)
+                    ys.append(v), lo.append(dl), hi.append(dh)
+            # Bars rise from the scale's floor, 1, so their heights compare like the scores do.
+            ax.bar(xs, [y - 1 for y in ys], bottom=1, width=bar, yerr=[lo, hi], color=colors[model], capsize=2,
+                   error_kw={"elinewidth": 1, "ecolor": "#333"})
+        ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+        ax.set_xlim(-0.5, len(groups) - 0.5)
+        ax.set_ylim(1, 5.15)
+        ax.set_yticks([1, 2, 3, 4, 5])
+        ax.set_ylabel("score (1-5)")
+        ax.set_title(title, loc="left", fontsize=11)
+        ax.grid(axis="y", alpha=0.3)
+    _legend(fig, [m for m in models if any(m in per for _, groups in panels for _, per in groups)], colors)
     return fig
 
 

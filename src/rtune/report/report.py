@@ -3,7 +3,12 @@
     build_report(["evals/a", "evals/b"], "report")  ->  report/report.md
         report/report.md        per benchmark a table (metrics x models), the plots, the settings
         report/report.html      the same page with every plot embedded: one file to send around
-        report/metrics_<bench>.png, refusal.png, ranking.png, lengths.png
+        report/metrics_<bench>.png, refusal.png, pairwise.png, aspects.png, ranking.png, lengths.png
+
+The LLM judges' metrics (rtune.eval.judging) get figures of their own: pairwise.png (win / tie / loss
+against each reference, win rate and length-controlled win rate), aspects.png (scores 1-5) and their
+points in refusal.png beside the keyword judge's; a "Judges" section lists each judge run's endpoint,
+requests, tokens and cost. The tables show every metric, whatever its name.
 
 Several EVAL_DIRs merge into one report. A model label found in more than one of them is kept once
 per folder, shown as "label (folder name)". Models keep the order of each EVAL_DIR's eval.json
@@ -25,7 +30,15 @@ from rtune.report.tables import MISSING, format_metric, metric_title, to_html, t
 
 TITLE = "rtune evaluation report"
 REFUSAL, OVER_REFUSAL = "refusal_rate", "over_refusal_rate"
+# (refusal metric, over-refusal metric, the judge's name when the metrics record none)
+REFUSAL_PAIRS = [(REFUSAL, OVER_REFUSAL, "keyword judge"), ("llm_refusal_rate", "llm_over_refusal_rate", "LLM judge")]
 RANKING_PREFIX = "ranking_"
+ASPECT_PREFIX = "aspect_"
+ASPECT_TICKS = {"overall": "overall\n(mean of the five)", "safety": "safety\n(harmful prompts)"}
+# rtune.eval.judging names the pairwise metrics against reference REF vs_<REF>_<key>, REF a safe_name.
+PAIRWISE_KEYS = ("win_rate", "lc_win_rate", "lc_length_coef", "wins", "ties", "losses", "win_share", "tie_share",
+                 "loss_share", "n_unparseable")
+UNCLASSIFIED_PREFIX = "llm_n_unclassified_"
 
 
 @dataclass
@@ -133,7 +146,7 @@ def _metric_rows(per_model: dict[str, Result]) -> list[tuple[str, dict[str, dict
 
 
 def _refusal_points(results: list[Result], models: list[str], benches: list[str]) -> list[tuple]:
-    """(model, source, refusal, over-refusal) pairs for the scatter.
+    """(model, source, refusal, over-refusal, judge) for the scatter, per judge (keyword, then LLM).
 
     A benchmark with both rates pairs them; otherwise each benchmark with only a refusal rate is
     paired with each one with only an over-refusal rate (harmful and benign prompts often come
@@ -142,20 +155,98 @@ def _refusal_points(results: list[Result], models: list[str], benches: list[str]
     def has(bench: str, name: str) -> bool:
         return any(r.bench == bench and (r.metrics().get(name) or {}).get("value") is not None for r in results)
 
-    both = [b for b in benches if has(b, REFUSAL) and has(b, OVER_REFUSAL)]
-    pairs = [(b, b, b) for b in both]
-    pairs += [(f"{h} / {s}", h, s) for h in benches if has(h, REFUSAL) and h not in both
-              for s in benches if has(s, OVER_REFUSAL) and s not in both]
     points = []
-    for source, harmful, benign in pairs:
-        for m in models:
-            a = _by_bench(results, harmful, models).get(m)
-            b = _by_bench(results, benign, models).get(m)
-            ra = a and a.metrics().get(REFUSAL)
-            rb = b and b.metrics().get(OVER_REFUSAL)
-            if ra and rb and ra.get("value") is not None and rb.get("value") is not None:
-                points.append((m, source, ra, rb))
+    for refusal, over_refusal, default_judge in REFUSAL_PAIRS:
+        both = [b for b in benches if has(b, refusal) and has(b, over_refusal)]
+        pairs = [(b, b, b) for b in both]
+        pairs += [(f"{h} / {s}", h, s) for h in benches if has(h, refusal) and h not in both
+                  for s in benches if has(s, over_refusal) and s not in both]
+        for source, harmful, benign in pairs:
+            for m in models:
+                a = _by_bench(results, harmful, models).get(m)
+                b = _by_bench(results, benign, models).get(m)
+                ra = a and a.metrics().get(refusal)
+                rb = b and b.metrics().get(over_refusal)
+                if ra and rb and ra.get("value") is not None and rb.get("value") is not None:
+                    points.append((m, source, ra, rb, ra.get("judge") or rb.get("judge") or default_judge))
     return points
+
+
+def _references(metric_names) -> list[str]:
+    """The references REF that pairwise metrics were judged against: every vs_<REF>_wins, in order."""
+    return list(dict.fromkeys(n[3:-5] for n in metric_names if n.startswith("vs_") and n.endswith("_wins")
+                              and len(n) > 8))
+
+
+def _pairwise_key(name: str, refs: list[str]) -> tuple[str, str] | None:
+    """(REF, key) when `name` is vs_<REF>_<key> for a known reference (the longest that fits), else None."""
+    for ref in sorted(refs, key=len, reverse=True):
+        if name.startswith(f"vs_{ref}_") and name[len(ref) + 4:] in PAIRWISE_KEYS:
+            return ref, name[len(ref) + 4:]
+    return None
+
+
+def _bench_refs(per_model: dict[str, Result]) -> list[str]:
+    return _references(name for r in per_model.values() for name in r.metrics())
+
+
+def _row_title(name: str, m: dict, refs: list[str]) -> str:
+    """A table row's title: the metric's, prefixed for judge metrics whose labels alone are ambiguous."""
+    title = metric_title(name, m)
+    pairwise = _pairwise_key(name, refs)
+    if pairwise:
+        return f"vs {pairwise[0]}: {title}"
+    if name.startswith(ASPECT_PREFIX):
+        harmful = name == ASPECT_PREFIX + "safety" or name.endswith("_safety_split")
+        return ("aspects (harmful prompts): " if harmful else "aspects: ") + title
+    return title
+
+
+def _in_metrics_figure(name: str, refs: list[str]) -> bool:
+    """Pairwise and aspect metrics are drawn in figures of their own, and the LLM judge's counts of
+    unclassified answers are bookkeeping: the benchmark's table shows them, its figure does not."""
+    return not (_pairwise_key(name, refs) or name.startswith((ASPECT_PREFIX, UNCLASSIFIED_PREFIX)))
+
+
+def _judge_of(per: dict[str, dict]) -> str | None:
+    return next((m["judge"] for m in per.values() if m.get("judge")), None)
+
+
+def _pairwise_panels(results: list[Result], models: list[str], benches: list[str]) -> list[tuple[str, dict]]:
+    """[(title, {model: {key: metric}})] per benchmark and reference, for models with a judged item."""
+    panels = []
+    for bench in benches:
+        per_model = _by_bench(results, bench, models)
+        for ref in _bench_refs(per_model):
+            per = {}
+            for m, r in per_model.items():
+                found = {key: r.metrics()[name] for key in PAIRWISE_KEYS if (name := f"vs_{ref}_{key}") in r.metrics()}
+                if any((found.get(k) or {}).get("value") is not None for k in ("win_rate", "win_share")):
+                    per[m] = found
+            if per:
+                # The reference as the user named it (its metric names hold it as a safe_name).
+                named = [((r.summary.get("judges") or {}).get("llm") or {}).get("reference")
+                         for r in per_model.values()]
+                shown = next((n for n in named if isinstance(n, str) and safe_name(n) == ref), ref)
+                judge = _judge_of({m: x["win_rate"] for m, x in per.items() if "win_rate" in x})
+                panels.append((f"{bench}, reference {shown}" + (f" (judge: {judge})" if judge else ""), per))
+    return panels
+
+
+def _aspect_panels(results: list[Result], models: list[str], benches: list[str]) -> list[tuple[str, list]]:
+    """[(title, [(aspect, {model: metric})])] per benchmark with aspect scores (counts left out)."""
+    panels = []
+    for bench in benches:
+        groups = []
+        for name, per in _metric_rows(_by_bench(results, bench, models)):
+            per = {m: x for m, x in per.items() if x.get("value") is not None}
+            if name.startswith(ASPECT_PREFIX) and not name.startswith(ASPECT_PREFIX + "n_") and per:
+                aspect = name[len(ASPECT_PREFIX):]
+                groups.append((ASPECT_TICKS.get(aspect, aspect), per))
+        if groups:
+            judge = next((j for _, per in groups if (j := _judge_of(per))), None)
+            panels.append((bench + (f" (judge: {judge})" if judge else ""), groups))
+    return panels
 
 
 def _ranking_groups(results: list[Result], models: list[str], benches: list[str]) -> list[tuple[str, dict]]:
@@ -175,6 +266,57 @@ def _ranking_groups(results: list[Result], models: list[str], benches: list[str]
 # -- the document ---------------------------------------------------------------------------------
 def _compact(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+
+
+def _count(x) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else MISSING if x is None else str(x)
+
+
+def _judge_column(llm: dict) -> list[str]:
+    """One LLM judge run, as the "Judges" table's column (rows: JUDGE_ROWS)."""
+    s = llm.get("stats") or {}
+    reasons = s.get("failure_reasons") or {}
+    failures = _count(s.get("failures")) + (" (" + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + ")"
+                                            if reasons and s.get("failures") else "")
+    cost = s.get("cost")
+    kinds = llm.get("kinds")
+    return [str(llm.get("model") or MISSING), str(llm.get("url") or MISSING),
+            ", ".join(kinds) if isinstance(kinds, list) else str(kinds or MISSING),
+            str(llm.get("reference") or "none"), _count(s.get("items")), _count(s.get("requests_sent")),
+            _count(s.get("cache_hits")), _count(s.get("retries_total")), failures, _count(s.get("prompt_tokens")),
+            _count(s.get("completion_tokens")),
+            "not priced (no --judge-price)" if cost is None else f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}",
+            MISSING if s.get("wall_s") is None else f"{s['wall_s']:,.1f} s"]
+
+
+JUDGE_ROWS = ["judge model", "endpoint", "kinds", "reference", "judgments", "requests sent", "cache hits", "retries",
+              "failures", "prompt tokens", "completion tokens", "cost", "wall time"]
+
+
+def _judges_blocks(results: list[Result]) -> list[tuple]:
+    """The LLM judges behind these results, one column per judge run: none without an LLM judge."""
+    runs: dict[str, tuple[dict, list[Result]]] = {}
+    for r in results:
+        llm = (r.summary.get("judges") or {}).get("llm")
+        if isinstance(llm, dict):
+            runs.setdefault(_compact(llm), (llm, []))[1].append(r)
+    if not runs:
+        return []
+    # A run is named by its EVAL_DIR (results/<model>/<bench> lies three levels down), and by its
+    # results where one folder holds several runs.
+    names = [", ".join(dict.fromkeys(r.folder.parents[2].name for r in rs)) for _, rs in runs.values()]
+    names = ["all results"] if len(runs) == 1 else [
+        n if names.count(n) == 1 else f"{n}: " + ", ".join(f"{r.model} / {r.bench}" for r in rs)
+        for n, (_, rs) in zip(names, runs.values())]
+    columns = [_judge_column(llm) for llm, _ in runs.values()]
+    rows = [[field, *(c[i] for c in columns)] for i, field in enumerate(JUDGE_ROWS)]
+    keyword = sorted({str(j["refusal"]) for r in results if isinstance(j := r.summary.get("judges"), dict)
+                      and j.get("refusal")})
+    about = ("The LLM judges that scored these results, with the counters of each rtune eval run's judge client "
+             "(over the whole run; tokens and cost leave cache hits out).")
+    if keyword:
+        about += " Refusal is also classified by the keyword judge (" + ", ".join(keyword) + "), with no model."
+    return [("h", 2, "Judges"), ("p", about), ("table", ["", *names], rows)]
 
 
 def _distinct(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -235,17 +377,19 @@ def _document(results, models, benches, eval_dirs, figures: dict[str, str]) -> l
                  f"source: {info['source']}" if info.get("source") else None]
         if any(about):
             blocks.append(("p", "; ".join(a for a in about if a) + "."))
-        rows = [[metric_title(name, next(iter(per.values())))] + [format_metric(per.get(m)) for m in per_model]
+        refs = _bench_refs(per_model)
+        rows = [[_row_title(name, next(iter(per.values())), refs)] + [format_metric(per.get(m)) for m in per_model]
                 for name, per in _metric_rows(per_model)]
         blocks.append(("table", ["metric", *per_model], rows))
         name = f"metrics_{safe_name(bench)}.png"
         if name in figures:
             blocks.append(("img", name, figures[name]))
-    for name, heading in [("refusal.png", "Refusal vs over-refusal"), ("ranking.png", "Response ranking"),
+    for name, heading in [("refusal.png", "Refusal vs over-refusal"), ("pairwise.png", "Pairwise comparison"),
+                          ("aspects.png", "Aspect scores"), ("ranking.png", "Response ranking"),
                           ("lengths.png", "Output lengths")]:
         if name in figures:
             blocks += [("h", 2, heading), ("img", name, figures[name])]
-    return blocks + _settings_blocks(results, models)
+    return blocks + _judges_blocks(results) + _settings_blocks(results, models)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -261,12 +405,26 @@ def _write_figures(results, models, benches, out: Path) -> dict[str, str]:
 
     for bench in benches:
         per_model = _by_bench(results, bench, models)
-        rows = [(n, {m: x for m, x in per.items() if x.get("value") is not None}) for n, per in _metric_rows(per_model)]
+        refs = _bench_refs(per_model)
+        every = _metric_rows(per_model)
+        rows = [(n, {m: x for m, x in per.items() if x.get("value") is not None}) for n, per in every
+                if _in_metrics_figure(n, refs)]
         save(f"metrics_{safe_name(bench)}.png",
              plots.metrics_figure(bench, list(per_model), [(n, per) for n, per in rows if per], colors),
-             f"{bench}: every metric per model, with 95% intervals")
-    save("refusal.png", plots.refusal_figure(_refusal_points(results, models, benches), models, colors),
-         "Refusal rate on harmful prompts against over-refusal rate on benign prompts, per model")
+             f"{bench}: every metric per model, with 95% intervals" if len(rows) == len(every) else
+             f"{bench}: metrics per model, with 95% intervals (pairwise and aspect scores in figures of their own, "
+             "judge bookkeeping counts in the table)")
+    points = _refusal_points(results, models, benches)
+    save("refusal.png", plots.refusal_figure(points, models, colors),
+         "Refusal rate on harmful prompts against over-refusal rate on benign prompts, per model"
+         + (" and judge" if len({p[4] for p in points}) > 1 else ""))
+    pairwise = _pairwise_panels(results, models, benches)
+    save("pairwise.png", plots.pairwise_figure(pairwise, models),
+         "Wins, ties and losses against the reference per model, with the win rate's 95% interval (diamond) "
+         "and the length-controlled win rate (triangle)")
+    aspects = _aspect_panels(results, models, benches)
+    save("aspects.png", plots.aspects_figure(aspects, models, colors),
+         "The LLM judge's aspect scores (1-5) per model, with 95% intervals")
     groups = _ranking_groups(results, models, benches)
     save("ranking.png", plots.ranking_figure(groups, [m for m in models if any(m in g[1] for g in groups)], colors),
          "Response-ranking accuracy per model, with 95% intervals")

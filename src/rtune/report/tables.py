@@ -35,6 +35,8 @@ def format_metric(m: dict | None) -> str:
     if m.get("kind") == "rate":
         text = f"{100 * value:.1f}%"
         interval = f" [{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]" if ci else ""
+    elif isinstance(value, int) and not isinstance(value, bool) and not ci:  # a count (wins, failures): no decimals
+        text, interval = str(value), ""
     else:
         d = _decimals(max(abs(x) for x in [value, *(ci or [])]))
         text = f"{value:.{d}f}"
