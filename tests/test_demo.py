@@ -56,23 +56,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_p
                         train_size=8, eval_size=3, epochs=1, max_new_tokens=4, save_steps=0, safety_size=2)
     report = run_demo(config)
     out = tmp_path / "demo"
-    assert set(report["summary"]) == {"base", "rt", "it"}
+    assert set(report["summary"]) == {"base", "rt", "it", "base+urial-r"}
     rows = [json.loads(line) for line in (out / "side_by_side.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and {"base_output", "rt_output", "it_output"} <= set(rows[0])
+    assert len(rows) == 3 and {"base_output", "rt_output", "it_output", "base+urial-r_output"} <= set(rows[0])
     assert "| rt |" in (out / "summary.md").read_text()
     for method in ("rt", "it"):
         assert json.loads((out / "runs" / method / "rtune_run.json").read_text())["method"] == method
     # The evaluation: every model on the held-out set and the two safety samples, and the report.
     results = sorted(p.parent.relative_to(out / "eval" / "results").as_posix()
                      for p in (out / "eval" / "results").glob("*/*/summary.json"))
-    assert results == [f"{m}/{b}" for m in ("base", "it", "rt") for b in ("advbench", "harmbench", "train.heldout")]
+    assert results == [f"{m}/{b}" for m in ("base", "base_urial-r", "it", "rt")
+                       for b in ("advbench", "harmbench", "train.heldout")]
+    # The fourth model is the untuned base prompted in context: the base's weights, the urial-r template.
+    icl = json.loads((out / "eval" / "results" / "base_urial-r" / "train.heldout" / "summary.json").read_text())
+    assert icl["model"]["template"] == "urial-r" and icl["model"]["spec"] == str(tiny_model_path)
     report = (out / "report" / "report.md").read_text()
     assert "ranking" in report and (out / "report" / "report.html").is_file()
     capsys.readouterr()
     run_demo(config)  # again: every step is found done and skipped, nothing is generated again
     printed = capsys.readouterr().out
     assert printed.count("already done") == 3  # data, 2 trainings
-    assert printed.count("7 cached, 0 generated") == 3  # 3 held-out + 2 + 2 safety prompts, per model
+    assert printed.count("7 cached, 0 generated") == 4  # 3 held-out + 2 + 2 safety prompts, per model
 
 
 def test_demo_cli_flags_override_the_defaults_and_nothing_else(monkeypatch, tmp_path):

@@ -123,8 +123,30 @@ def cmd_merge(a) -> None:
 
 
 # -- inference ----------------------------------------------------------------------------------
+def _add_icl_flags(p) -> None:
+    from rtune.render.templates import ICL_TEMPLATES  # light: no torch, no transformers
+
+    p.add_argument("--icl", default=None, choices=ICL_TEMPLATES,
+                   help="prompt a plain (untrained) model in context, without a chat template: urial (query-answer "
+                        "demonstrations), urial-r (their answers alone) or zero-shot (the query frame alone)")
+    p.add_argument("--icl-file", default=None, metavar="FILE",
+                   help="the demonstrations for --icl urial / urial-r: a JSON list of {\"query\", \"answer\"} "
+                        "(default: rtune's own three)")
+
+
+def _plain_format(a) -> tuple[str | None, str | None]:
+    """(template, icl_file) for a plain model, from --template, --icl and --icl-file."""
+    icl, icl_file = getattr(a, "icl", None), getattr(a, "icl_file", None)
+    if icl_file and not icl:
+        raise RtuneError("--icl-file FILE goes with --icl urial or --icl urial-r")
+    if icl and a.template:
+        raise RtuneError(f"--icl {icl} and --template {a.template} both choose the prompt format: give one of them")
+    return icl or a.template, icl_file
+
+
 def _add_generation_flags(p) -> None:
     p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
+    _add_icl_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None)
@@ -160,21 +182,25 @@ def _generation_config(a):
 def cmd_generate(a) -> None:
     from rtune.infer.generate import generate_file
 
-    summary = generate_file(a.model, a.prompts, a.out, _generation_config(a), template=a.template)
+    template, icl_file = _plain_format(a)
+    summary = generate_file(a.model, a.prompts, a.out, _generation_config(a), template=template,
+                            **({"icl_file": icl_file} if icl_file else {}))
     print(json.dumps(summary, indent=2))
 
 
 def cmd_chat(a) -> None:
     from rtune.infer.chat import chat
 
-    chat(a.model, template=a.template, config=_generation_config(a))
+    template, icl_file = _plain_format(a)
+    chat(a.model, template=template, config=_generation_config(a), **({"icl_file": icl_file} if icl_file else {}))
 
 
 def cmd_serve(a) -> None:
     from rtune.serve.server import api_key_from_env, serve
 
-    serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=a.template,
-          model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
+    template, icl_file = _plain_format(a)
+    serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=template,
+          **({"icl_file": icl_file} if icl_file else {}), model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
           max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens)
 
 
@@ -190,9 +216,14 @@ def cmd_eval(a) -> None:
 
     decoding = EvalDecoding(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype,
                             stop=list(a.stop or []), backend=a.backend)
+    template, icl_file = _plain_format(a)
     config = EvalConfig(benches=[b for b in a.bench.split(",") if b], limit=a.limit, seed=a.seed, decoding=decoding,
-                        template=a.template, ranking_k=a.ranking_k, shift=not a.no_shift,
+                        template=template, icl_file=icl_file, ranking_k=a.ranking_k, shift=not a.no_shift,
                         relevance=not a.no_relevance)
+    config.lm_eval_tasks = [t for t in (a.lm_eval_tasks or "").split(",") if t]
+    config.lm_eval_include = list(a.lm_eval_include or [])
+    if not config.benches and not config.lm_eval_tasks:
+        raise RtuneError("nothing to evaluate: give --bench NAME[,NAME] and/or --lm-eval-tasks TASK[,TASK]")
     if a.judge_url or a.judge_model:
         from rtune.eval.judging import KINDS, JudgeConfig
 
@@ -202,7 +233,8 @@ def cmd_eval(a) -> None:
         if price is not None and len(price) != 2:
             raise RtuneError("--judge-price takes INPUT,OUTPUT dollars per million tokens, e.g. 2.5,10")
         config.judge = JudgeConfig(a.judge_url, a.judge_model, kinds=a.judge.split(",") if a.judge else list(KINDS),
-                                   reference=a.reference, concurrency=a.judge_concurrency, price_per_million=price)
+                                   reference=a.reference, concurrency=a.judge_concurrency, timeout=a.judge_timeout,
+                                   price_per_million=price)
     names = [n for n in a.names.split(",")] if a.names else None
     summaries = run_eval(a.models, config, a.out, labels=names)
     print(f"{len(summaries)} results in {a.out}/results; render them with: rtune report {a.out} --out REPORT_DIR")
@@ -305,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: the RTUNE_API_KEY environment variable)")
     p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
+    _add_icl_flags(p)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else fp32) | fp32 | bf16 | fp16")
     p.add_argument("--max-tokens", type=int, default=512, help="a chat reply's length when a request sets none")
@@ -328,8 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "local .jsonl/.json/.csv prompts file (an instruction field; a response field makes it a "
                 "ranking set, e.g. the held-out file of `rtune data prepare --holdout`).")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN")
-    p.add_argument("--bench", required=True,
-                   help="NAME[:N][,NAME[:N]...]: benchmark names or prompt files, N a per-benchmark sample size")
+    p.add_argument("--bench", default="",
+                   help="NAME[:N][,NAME[:N]...]: benchmark names or prompt files, N a per-benchmark sample size; "
+                        "core[:N]: the paper's core capabilities through lm-evaluation-harness (MMLU, OpenBookQA, "
+                        "HellaSwag, ARC, PIQA 0-shot, GSM8K CoT 8-shot; hub datasets), N documents per task")
+    p.add_argument("--lm-eval-tasks", default=None, metavar="TASK[,TASK]",
+                   help="any lm-evaluation-harness tasks, run with each model's own chat template (extra 'lmeval'); "
+                        "offline examples: rtune_demo_mc, rtune_demo_gen")
+    p.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
+                   help="a folder of local lm-eval task YAMLs (repeatable)")
     p.add_argument("--out", required=True, metavar="EVAL_DIR")
     p.add_argument("--names", default=None, help="labels for the models, comma-separated (default: folder names)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N items per benchmark")
@@ -340,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="an extra stop string")
     p.add_argument("--backend", default="hf", help="hf (default) | vllm (GPU; extra 'vllm')")
     p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
+    _add_icl_flags(p)  # the labels say the format: gemma-3-270m+urial-r
     p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")
     p.add_argument("--no-shift", action="store_true", help="skip the distribution shift against the untuned base")
     p.add_argument("--no-relevance", action="store_true", help="skip MiniLM relevance")
@@ -351,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     judges.add_argument("--reference", default=None,
                         help="pairwise: an evaluated model's name (e.g. it) or a JSONL file of {id, output}")
     judges.add_argument("--judge-concurrency", type=int, default=8)
+    judges.add_argument("--judge-timeout", type=float, default=120.0,
+                        help="seconds per judge request (raise it for a slow local judge)")
     judges.add_argument("--judge-price", default=None, metavar="IN,OUT",
                         help="dollars per million input,output tokens, for the cost counter")
     p.set_defaults(func=cmd_eval)
@@ -383,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the HTTP clients log every request at INFO: a judge run would drown in them
+        for name in ("httpx", "httpx2", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.trust_remote_code:  # read by every model and tokenizer load (rtune.models.remote_code_allowed)
         os.environ["RTUNE_TRUST_REMOTE_CODE"] = "1"
     try:

@@ -1,8 +1,9 @@
 """`rtune demo`: the whole path on the offline default, sized for a 2-core laptop CPU.
 
 prepare alpaca-demo -> train RT and IT on the same responses -> `rtune eval` of the base, RT and
-IT models (the held-out instructions, which are also a response-ranking set, and small AdvBench and
-HarmBench samples) -> `rtune report` -> a side-by-side file and a short table.
+IT models and of the untrained baseline "base+urial-r" (the base weights prompted in context with
+the answers of rtune's own demonstrations), on the held-out instructions (also a response-ranking
+set) and small AdvBench and HarmBench samples -> `rtune report` -> a side-by-side file and a table.
 
 Every step writes its output atomically and is skipped when that output already exists, so an
 interrupted demo continues where it stopped when run again (training resumes from its last
@@ -44,7 +45,7 @@ class DemoConfig:
     max_new_tokens: int = 192
     save_steps: int = 16
     safety_size: int = 16  # AdvBench and HarmBench prompts each model answers (seeded samples)
-    eval_batch_size: int = 24
+    eval_batch_size: int = 64  # all of the demo's prompts in one batch: a batch runs until its longest answer ends
     ranking_k: int = 3  # other responses each held-out reference is ranked against (the time budget)
 
 
@@ -79,7 +80,7 @@ def table(summary: dict) -> str:
 def run_demo(config: DemoConfig) -> dict:
     from rtune.data import prepare
     from rtune.eval.generation import EvalDecoding
-    from rtune.eval.results import read_items
+    from rtune.eval.results import read_items, result_dir
     from rtune.eval.run import EvalConfig, run_eval
     from rtune.report import build_report
     from rtune.train.config import load_config
@@ -136,13 +137,15 @@ def run_demo(config: DemoConfig) -> dict:
     eval_config = EvalConfig(benches=benches, seed=config.seed, ranking_k=config.ranking_k,
                              decoding=EvalDecoding(max_new_tokens=config.max_new_tokens,
                                                    batch_size=config.eval_batch_size))
-    models = {"base": config.model, "rt": str(out / "runs" / "rt"), "it": str(out / "runs" / "it")}
-    print(f"[demo] evaluate base, RT and IT on {', '.join(benches)} ...", flush=True)
-    run_eval(list(models.values()), eval_config, out / "eval", labels=list(models))
+    models = {"base": config.model, "rt": str(out / "runs" / "rt"), "it": str(out / "runs" / "it"),
+              "base+urial-r": config.model}  # the untrained baseline: the base weights, prompted in context
+    print(f"[demo] evaluate base, RT, IT and base+urial-r on {', '.join(benches)} ...", flush=True)
+    run_eval(list(models.values()), eval_config, out / "eval", labels=list(models),
+             templates=[None, None, None, "urial-r"])
     timings["evaluate"] = round(time.time() - t, 1)
     report_md = build_report([out / "eval"], out / "report")
 
-    heldout = {name: read_items(out / "eval" / "results" / name / heldout_file.stem) for name in models}
+    heldout = {name: read_items(result_dir(out / "eval", name, heldout_file.stem)) for name in models}
     summary = {name: summarise([{**r, "instruction": r["prompt"], "finished": r["finish_reason"] != "length"}
                                 for r in rows]) for name, rows in heldout.items()}
     side_by_side = [

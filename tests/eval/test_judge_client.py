@@ -50,7 +50,7 @@ KINDS = ("slow", "server_error", "rate_limit", "garbage", "truncated")  # faults
 REASON = {"slow": "timeout", "server_error": "server_error", "always_503": "server_error",
           "rate_limit": "rate_limit", "garbage": "invalid_response", "truncated": "invalid_response",
           "always_garbage": "invalid_response", "always_400": "client_error"}
-TIMEOUT = 0.4
+TIMEOUT = 2.0  # generous: on a loaded 2-core machine an ordinary answer must never count as a timeout
 RETRY_AFTER = 0.25
 
 
@@ -75,7 +75,7 @@ class FakeJudge:
         self.reset()
         self.app = self._build_app()
 
-    def reset(self, *, api_key=API_KEY, fault_rate=0.4, max_faults=2, delay=0.0, slow_s=1.0):
+    def reset(self, *, api_key=API_KEY, fault_rate=0.4, max_faults=2, delay=0.0, slow_s=2 * TIMEOUT + 0.5):
         with self.lock:
             self.api_key = api_key
             self.fault_rate = fault_rate  # chance that an attempt of an item faults...

@@ -215,6 +215,8 @@ def _generate_vllm(loaded, todo: dict[str, list[int]], cache: JsonlCache, decodi
         # vLLM: finish_reason "stop" with stop_reason None (EOS), a string (stop string) or an id (stop id).
         reason = "length" if o.finish_reason == "length" else ("stop" if isinstance(o.stop_reason, str) else "eos")
         ids = [t for t in o.token_ids if t not in loaded.renderer.stop_ids]
-        rows[key] = {"output": o.text.rstrip() if reason == "stop" else o.text, "finish_reason": reason,
+        text = o.text.rstrip() if reason == "stop" else o.text
+        cleanup = getattr(loaded.renderer, "reply_cleanup", None)  # in-context formats: a trailing fence
+        rows[key] = {"output": cleanup(text) if cleanup else text, "finish_reason": reason,
                      "num_tokens": len(ids), "token_ids": ids}
     cache.add_many(rows)

@@ -51,11 +51,15 @@ class EvalConfig:
     seed: int = 0
     decoding: EvalDecoding = field(default_factory=EvalDecoding)
     template: str | None = None  # for plain models (runs and merged folders bring their own)
+    icl_file: str | None = None  # demonstrations for the in-context formats urial / urial-r (default rtune's)
     ranking_k: int = 7  # distractor responses per instruction in response ranking
     shift: bool = True  # token distribution shift against the untuned base (tuned models)
     relevance: bool = True  # MiniLM instruction/output similarity
     progress: bool = True
     judge: "JudgeConfig | None" = None  # LLM judges over an OpenAI-compatible endpoint (rtune.eval.judging)
+    # lm-evaluation-harness tasks (rtune.eval.lm_eval), beside "core" in benches; local task folders.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class LoadedModel:
     tokenizer: object = None
     lora_request: object = None  # vLLM
     base_spec: str | None = None  # the untuned base of a tuned model (distribution shift)
+    template: str | None = None  # a plain model's template (None: tulu); urial, urial-r, zero-shot: in context
+    icl_file: str | None = None  # the in-context demonstrations (None: rtune's own)
 
 
 def bench_and_limit(spec: str, limit: int | None) -> tuple[str, int | None]:
@@ -79,40 +85,58 @@ def default_label(spec: str) -> str:
     return Path(str(spec).rstrip("/")).name or str(spec)
 
 
-def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, labels: list[str] | None = None
-             ) -> list[dict]:
-    """Evaluate every model on every benchmark; returns the summaries (also written under out_dir)."""
+def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, labels: list[str] | None = None,
+             templates: list[str | None] | None = None) -> list[dict]:
+    """Evaluate every model on every benchmark; returns the summaries (also written under out_dir).
+
+    templates: per model, the template of a plain model (None: config.template), e.g. the same base
+    twice, as it is and in context: [base, base], templates=[None, "urial-r"]. A model prompted in
+    context is labelled with its format (gemma-3-270m+urial-r) unless its label already ends so."""
     from rtune.eval.benchmarks import load_benchmark
     from rtune.infer.load import load_renderer
+    from rtune.render import ICL_TEMPLATES
 
     config.decoding.check()
     labels = labels or [default_label(m) for m in models]
     if len(labels) != len(models):
         raise RtuneError(f"{len(models)} models but {len(labels)} names")
+    templates = [t or config.template for t in (templates or [None] * len(models))]
+    if len(templates) != len(models):
+        raise RtuneError(f"{len(models)} models but {len(templates)} templates")
+    labels = [f"{x}+{t}" if t in ICL_TEMPLATES and not x.endswith(f"+{t}") else x for x, t in zip(labels, templates)]
     if len({safe_name(x) for x in labels}) != len(labels):
         raise RtuneError(f"model names must differ: {labels} (name them with --names)")
     if config.judge is not None:
         config.judge.check(labels)
+    # lm-eval tasks (--bench core, --lm-eval-tasks) take their own path (rtune.eval.lm_eval), after
+    # rtune's benchmarks and without the generation cache; their data is checked here, before any load.
+    from rtune.eval.lm_eval import LmEvalPlan
+
+    lm_plan = LmEvalPlan.from_config(config)
+    lm_plan.prepare(out_dir)
     # Everything that can fail fast, before any model is loaded: benchmarks, renderers, fingerprints.
     benches = [load_benchmark(name, limit, config.seed) for name, limit in
-               (bench_and_limit(b, config.limit) for b in config.benches)]
+               (bench_and_limit(b, config.limit) for b in lm_plan.benches)]
     device_type = default_device_type()
     out_dir = Path(out_dir)
     entries = []
-    for spec, label in zip(models, labels):
-        renderer = load_renderer(spec, config.template)
-        loaded = LoadedModel(label, str(spec), renderer, base_spec=tuned_base(str(spec)))
+    for spec, label, template in zip(models, labels, templates):
+        icl_file = config.icl_file if template in ICL_TEMPLATES else None
+        renderer = load_renderer(spec, template, icl_file=icl_file)
+        loaded = LoadedModel(label, str(spec), renderer, base_spec=tuned_base(str(spec)), template=template,
+                             icl_file=icl_file)
         entries.append((loaded, model_fingerprint(str(spec), renderer)))
     write_json_atomic(out_dir / EVAL_INFO, {
         "rtune_version": rtune.__version__, "models": {m.label: {"spec": m.spec, "fingerprint": fp} for m, fp in entries},
-        "benchmarks": [b.info for b in benches], "decoding": config.decoding.resolved(device_type),
+        "benchmarks": [b.info for b in benches] + ([{"name": "lm-eval", "tasks": lm_plan.tasks}] if lm_plan else []),
+        "lm_eval": lm_plan.info(), "decoding": config.decoding.resolved(device_type),
         "limit": config.limit, "seed": config.seed, "ranking_k": config.ranking_k, "time": run_folder.now(),
         "judge": None if config.judge is None else {"url": config.judge.url, "model": config.judge.model,
                                                     "kinds": config.judge.kinds, "reference": config.judge.reference},
     })
     # 1. Each model in turn: generations and model-based scores (a model is loaded only if needed).
     data = {}
-    for loaded, fp in entries:
+    for loaded, fp in (entries if benches else []):
         data[loaded.label] = collect(loaded, fp, benches, config, out_dir, device_type)
         unload(loaded)
     # 2. The LLM judges, over every model's outputs at once (pairwise needs the reference's).
@@ -126,7 +150,7 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     # 3. Per-item values, summaries with intervals, written in the results layout.
     summaries = []
     for loaded, fp in entries:
-        for name, d in data[loaded.label].items():
+        for name, d in data.get(loaded.label, {}).items():
             t = time.perf_counter()
             summary, item_rows = summarise_bench(loaded, fp, d["bench"], d["rows"], d["scored"], config, device_type)
             if judged:
@@ -136,6 +160,8 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
                                                                      + time.perf_counter() - t, 2)}
             write_result(out_dir, loaded.label, name, item_rows, summary)
             summaries.append(summary)
+    if lm_plan:
+        summaries += lm_plan.run(entries, config, out_dir, device_type)
     return summaries
 
 
@@ -199,8 +225,8 @@ def load(loaded: LoadedModel, config: EvalConfig, device_type: str) -> None:
         return
     from rtune.infer.load import load_for_inference
 
-    loaded.model, loaded.tokenizer, _ = load_for_inference(loaded.spec, config.template, dtype=dtype,
-                                                           device=device_type)
+    loaded.model, loaded.tokenizer, _ = load_for_inference(loaded.spec, loaded.template, dtype=dtype,
+                                                           device=device_type, icl_file=loaded.icl_file)
     if hasattr(loaded.model, "merge_and_unload") and run_folder.base_quantization(
             run_folder.read_run_info(loaded.spec), "evaluating") is None:
         # A LoRA run decodes about twice as fast merged (one matmul per layer, not three); the
@@ -250,7 +276,10 @@ def unload(loaded: LoadedModel) -> None:
 
 # -- scores that need the model (cached) -----------------------------------------------------------
 def _scored(loaded: LoadedModel, item, config: EvalConfig) -> bool:
-    return item.reference is not None or (config.shift and loaded.base_spec is not None)
+    # Ranking and reference NLL score a rendered (instruction, response) example; an in-context
+    # format renders prompts only (no trained end), so a model prompted in context has neither.
+    references = item.reference is not None and getattr(loaded.renderer, "trainable", True)
+    return references or (config.shift and loaded.base_spec is not None)
 
 
 def _score_key(loaded: LoadedModel, bench, index: int, config: EvalConfig) -> str:

@@ -25,15 +25,19 @@ class _Streamer(TextStreamer):
 
     It holds back the tail of the text that could still begin a stop string (with the whitespace
     before it, which the cut removes too) and ends the reply where a stop string begins, so what is
-    shown is exactly the reply generate_ids returns.
+    shown is exactly the reply generate_ids returns. With a reply cleanup (the in-context formats
+    strip a trailing code fence) it also holds back trailing backticks, and applies the cleanup to
+    the whole reply at its end.
     """
 
-    def __init__(self, tokenizer, output, stop_strings: list[str] = ()):
+    def __init__(self, tokenizer, output, stop_strings: list[str] = (), cleanup=None):
         # skip_prompt: only the reply is shown; skip_special_tokens hides the stop token.
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.output = output
         self.stop_strings = [s for s in stop_strings if s]
+        self.cleanup = cleanup
         self.pending = ""  # received, not yet shown
+        self.shown = ""  # shown so far
         self.stopped = False
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
@@ -42,17 +46,27 @@ class _Streamer(TextStreamer):
         self.pending += text
         found = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
         if found:
-            shown, self.pending, self.stopped = self.pending[: min(found)].rstrip(), "", True
-        elif stream_end or not self.stop_strings:
+            shown, self.pending, self.stopped = self._last(self.pending[: min(found)].rstrip()), "", True
+        elif stream_end:
+            shown, self.pending = self._last(self.pending), ""
+        elif not self.stop_strings and self.cleanup is None:
             shown, self.pending = self.pending, ""
         else:
             cut = len(self.pending) - _stop_prefix_len(self.pending, self.stop_strings)
-            while cut > 0 and self.pending[cut - 1].isspace():
+            while cut > 0 and (self.pending[cut - 1].isspace() or (self.cleanup and self.pending[cut - 1] == "`")):
                 cut -= 1
             shown, self.pending = self.pending[:cut], self.pending[cut:]
         if shown:
+            self.shown += shown
             self.output.write(shown)
             self.output.flush()
+
+    def _last(self, rest: str) -> str:
+        """What is left to show at the end of the reply, after the cleanup of the whole reply."""
+        if self.cleanup is None:
+            return rest
+        final = self.cleanup(self.shown + rest)
+        return final[len(self.shown):] if final.startswith(self.shown) else ""
 
 
 def _stop_prefix_len(text: str, stop_strings: list[str]) -> int:
@@ -107,7 +121,8 @@ def chat_loop(
 
         history.append({"role": "user", "content": line})
         prompt = _fit_context(model, renderer, history, config.max_new_tokens, output)
-        streamer = _Streamer(tokenizer, output, reply_stop_strings(renderer, config)) if stream else None
+        streamer = (_Streamer(tokenizer, output, reply_stop_strings(renderer, config),
+                              getattr(renderer, "reply_cleanup", None)) if stream else None)
         try:
             (reply,) = generate_ids(model, tokenizer, renderer, [prompt], config, streamer=streamer)
         except KeyboardInterrupt:
@@ -128,13 +143,17 @@ def chat(
     model_or_run: str,
     *,
     template: str | None = None,
+    icl_file: str | None = None,
     config: GenerationConfig | None = None,
     input_fn=input,
     output=None,
     stream: bool = True,
 ) -> list[dict]:
-    """Load a model, run folder or merged folder and chat with it in the terminal."""
-    model, tokenizer, renderer = load_for_inference(model_or_run, template=template)
+    """Load a model, run folder or merged folder and chat with it in the terminal.
+
+    A plain model can be prompted in context (template urial, urial-r or zero-shot, demonstrations
+    from icl_file): earlier exchanges become further query/answer pairs."""
+    model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
     return chat_loop(
         model, tokenizer, renderer, config=config, input_fn=input_fn, output=output or sys.stdout, stream=stream
     )

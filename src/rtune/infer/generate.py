@@ -14,7 +14,8 @@ next-turn headers such as "<|user|>", plus `GenerationConfig.stop`: "stop"), or 
 ("length"). Stop strings use HF's StopStringCriteria, so each row of a batch stops on its own, but
 only on the generated tokens: HF's stock `stop_strings` also matches a stop string that begins in the
 prompt (with a prompt ending in a newline, a blank-line stop fires after one generated newline). The
-text is then cut at the earliest stop string, with the whitespace before it.
+text is then cut at the earliest stop string, with the whitespace before it, and the renderer's
+reply cleanup applies (the in-context formats strip a trailing code fence: `Renderer.reply_cleanup`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ FINISH_REASONS = ("eos", "stop", "length")
 @dataclass
 class Generation:
     # Decoded reply, special tokens skipped, ending before the stop: a stop id, or a stop string
-    # (removed with the whitespace before it).
+    # (removed with the whitespace before it); then the renderer's reply cleanup, if it has one.
     text: str
     # Generated ids up to the stop: a stop id is excluded; for a stop string, the ids up to the one
     # that completes `text` (that one may also hold the start of the stop string, e.g. "\n<|").
@@ -108,6 +109,7 @@ class _Stops:
         self.string_ids = [special[s] for s in strings if s in special and special[s] not in self.eos_ids]
         self.strings = [s for s in strings if s not in special]
         self.all_ids = self.eos_ids + self.string_ids
+        self.cleanup = getattr(renderer, "reply_cleanup", None)  # e.g. a trailing code fence stripped
         self.matcher = _stop_string_matcher(tokenizer, tuple(self.strings)) if self.strings else None
 
     def criteria(self, prompt_width: int):
@@ -232,6 +234,11 @@ def _finish(tokenizer, new_ids: list[int], stops: _Stops) -> Generation:
         reason = "length"
     else:
         reason = "eos" if stop_id in stops.eos_ids else "stop"
+    if stops.cleanup is not None:
+        clean = stops.cleanup(text)
+        if clean != text:
+            text = clean
+            ids = ids[: _covering_prefix(tokenizer, ids, text)]
     return Generation(text=text, token_ids=ids, finish_reason=reason, num_tokens=len(ids),
                       stop_id=stop_id if reason != "length" and at is None else None)
 
@@ -305,14 +312,18 @@ def generate_file(
     config: GenerationConfig | None = None,
     template: str | None = None,
     method_label: str | None = None,
+    *,
+    icl_file: str | None = None,
 ) -> dict:
     """Answer every prompt in a file and write JSONL {"id", "instruction", "output", "finished",
     "finish_reason", "num_tokens", "generator"} in input order, atomically. Returns a summary."""
     config = (config or GenerationConfig()).check()
     # Read the prompts before loading the model: a bad file fails in a second, not after a load.
     prompts = read_prompts(prompts_path)
-    model, tokenizer, renderer = load_for_inference(model_or_run, template=template)
+    model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
     generator = method_label or Path(str(model_or_run).rstrip("/")).name
+    if not method_label and not getattr(renderer, "trainable", True):
+        generator += f"+{renderer.template_name}"  # e.g. gemma-3-270m+urial-r: the base in context
 
     start = time.perf_counter()
     rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator, progress=True)

@@ -14,7 +14,9 @@ Methods (An, Kim & Kim 2024; Hewitt et al. 2024):
 Only the response and the end token are trained (labels elsewhere are -100).
 
 Templates: "tulu" (the paper's plain-text tags, the default) or "model" (the tokenizer's own chat
-template, decomposed into the same segments; see `ModelTemplate`).
+template, decomposed into the same segments; see `ModelTemplate`). For inference only, the in-context
+formats "urial", "urial-r" and "zero-shot" prompt an untrained base model with demonstrations
+(`IclTemplate`; `Renderer(tokenizer, "urial-r", icl_file=...)`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import re
 from dataclasses import dataclass
 
 from rtune.errors import RtuneError
-from rtune.render.templates import ModelTemplate, Segment, TuluTemplate
+from rtune.render.templates import ICL_TEMPLATES, IclTemplate, ModelTemplate, Segment, TuluTemplate, load_demonstrations
 
 IGNORE = -100
 METHODS = ("rt", "it", "rt-empty-user")
-TEMPLATES = ("tulu", "model")
+TEMPLATES = ("tulu", "model")  # what training renders with
+ALL_TEMPLATES = TEMPLATES + ICL_TEMPLATES  # and the in-context formats, for inference
 RENDER_FORMAT_VERSION = 1
 
 
@@ -145,16 +148,32 @@ def _untrained_tail(seq: RenderedSequence) -> int:
 class Renderer:
     """Renders records and conversations for one tokenizer and one template."""
 
-    def __init__(self, tokenizer, template: str = "tulu", *, _saved: dict | None = None):
-        if template not in TEMPLATES:
-            raise RtuneError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
+    def __init__(self, tokenizer, template: str = "tulu", *, icl_file=None, demonstrations: list[dict] | None = None,
+                 _saved: dict | None = None):
+        """template: tulu | model, or an in-context format (urial | urial-r | zero-shot, inference only)
+        whose demonstrations are rtune's own, `demonstrations` ([{"query", "answer"}]) or `icl_file`'s."""
+        if template not in ALL_TEMPLATES:
+            raise RtuneError(f"unknown template {template!r}: choose one of {', '.join(ALL_TEMPLATES)}")
+        if (icl_file is not None or demonstrations is not None) and template not in ICL_TEMPLATES:
+            raise RtuneError(f"demonstrations (--icl-file) go with --icl {' or '.join(ICL_TEMPLATES[:2])}, "
+                             f"not with the {template} template")
         self.tokenizer = tokenizer
         self.template_name = template
         saved = _saved or {}
         if template == "tulu":
             self.template = TuluTemplate(tokenizer, saved.get("strings"))
-        else:
+        elif template == "model":
             self.template = ModelTemplate(tokenizer, saved.get("chat_template"))
+        else:
+            if icl_file is not None:
+                if demonstrations is not None:
+                    raise RtuneError("give demonstrations or icl_file, not both")
+                if template == "zero-shot":
+                    raise RtuneError("--icl zero-shot uses no demonstrations; leave --icl-file out")
+                demonstrations = load_demonstrations(icl_file, template)
+            if _saved is not None:
+                demonstrations = saved.get("demonstrations") or None
+            self.template = IclTemplate(tokenizer, template, demonstrations)
         self.bos_id = _bos_policy(tokenizer)
         self._split_specials = _special_splitter(tokenizer)
         self._fixed_prefix: int | None = None
@@ -276,6 +295,17 @@ class Renderer:
     def stop_strings(self) -> list[str]:
         """Text at which generation stops and is cut (tulu: the next-turn headers <|user|>, <|assistant|>)."""
         return list(self.template.stop_strings)
+
+    @property
+    def trainable(self) -> bool:
+        """False for the in-context formats: they render prompts only, never a training or scoring example."""
+        return getattr(self.template, "trainable", True)
+
+    @property
+    def reply_cleanup(self):
+        """What is done to a generated reply after the stop-string cut (in-context formats: a trailing
+        code fence is stripped), as a function of the text; None for the chat templates."""
+        return getattr(self.template, "clean_reply", None)
 
     @property
     def stop_ids(self) -> list[int]:

@@ -10,12 +10,20 @@ template text: content is always tokenized as plain text. Two templates:
 
 Each template also exports itself as a Jinja chat template (`jinja`), so plain transformers,
 vLLM and lm-evaluation-harness prompt an rtune model as rtune does.
+
+A third kind, `IclTemplate`, prompts an untrained base model in context (inference only):
+
+    urial      K (query, answer) demonstrations, then "# Query:\n{instruction}\n\n# Answer:\n"
+    urial-r    the K demonstrations' answers alone (their queries dropped), then the query frame
+    zero-shot  the query frame alone
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from importlib import resources
 
 from rtune.errors import RtuneError
 
@@ -221,3 +229,162 @@ class ModelTemplate:
 
     def to_dict(self) -> dict:
         return {"chat_template": self.chat_template}
+
+
+# -- in-context formats (no training) ----------------------------------------------------------------
+# URIAL (Lin et al. 2024): stylistic demonstrations in a "# Query:" / "# Answer:" format prompt an
+# untrained base model; URIAL-R (An, Kim & Kim 2025) keeps only the demonstrations' answers.
+ICL_TEMPLATES = ("urial", "urial-r", "zero-shot")
+ICL = {"query_header": "# Query:\n", "answer_header": "# Answer:\n", "block_end": "\n\n"}
+ICL_STOP_STRINGS = ("# Query:", "# Answer:", "# Instruction")
+DEMONSTRATIONS_FILE = "icl_demonstrations.json"  # rtune's own demonstrations, shipped with the package
+FENCE = "```"
+
+
+def load_demonstrations(path: str | os.PathLike | None = None, template: str = "urial") -> list[dict]:
+    """[{"query", "answer"}, ...] from a JSON file (None: rtune's own), checked for `template`.
+
+    urial needs a query and an answer in each item; urial-r only the answer (a query is ignored).
+    Errors name the file, the item and the field."""
+    if path is None:
+        source = f"rtune's own {DEMONSTRATIONS_FILE}"
+        text = resources.files("rtune.render").joinpath(DEMONSTRATIONS_FILE).read_text(encoding="utf-8")
+    else:
+        source = f"--icl-file {path}"
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as e:
+            raise RtuneError(f"{source}: cannot read it: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise RtuneError(f"{source}: not UTF-8 text: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RtuneError(f"{source}: not valid JSON: {e}") from None
+    return check_demonstrations(data, template, source)
+
+
+def check_demonstrations(data, template: str, source: str = "demonstrations") -> list[dict]:
+    """The demonstrations as [{"query": str | None, "answer": str}], stripped; errors name source and field."""
+    if not isinstance(data, list):
+        raise RtuneError(f"{source}: expected a JSON list of {{\"query\", \"answer\"}} objects, "
+                         f"got {type(data).__name__}")
+    if not data:
+        raise RtuneError(f"{source}: the list is empty (use --icl zero-shot for no demonstrations)")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{source}: item {i}"
+        if not isinstance(item, dict):
+            raise RtuneError(f"{where}: expected an object with \"query\" and \"answer\", got {type(item).__name__}")
+        unknown = sorted(set(item) - {"query", "answer"})
+        if unknown:
+            raise RtuneError(f"{where}: unknown field {unknown[0]!r} (the fields are \"query\" and \"answer\")")
+        needed = ("query", "answer") if template == "urial" else ("answer",)
+        for name in needed:  # urial-r ignores a query
+            value = item.get(name)
+            if not isinstance(value, str) or not value.strip():
+                what = "missing" if name not in item else ("empty" if isinstance(value, str) else
+                                                             f"not text ({type(value).__name__})")
+                raise RtuneError(f"{where}: field {name!r} is {what}"
+                                 + (" (urial shows each demonstration's query)" if name == "query" else ""))
+        query = item.get("query")
+        out.append({"query": query.strip() if template == "urial" else None, "answer": item["answer"].strip()})
+    return out
+
+
+def strip_trailing_fence(text: str) -> str:
+    """The reply without a code fence at its end that closes no block (and the whitespace around it).
+
+    A base model that imitates fenced answers (URIAL's demonstrations wrap them in ```) ends its
+    own with a lone fence; a reply whose code block is closed keeps its closing fence."""
+    t = text.rstrip()
+    if t.endswith(FENCE) and t.count(FENCE) % 2 == 1:
+        return t[: -len(FENCE)].rstrip()
+    return text
+
+
+class IclTemplate:
+    """An in-context prompt for an untrained base model: no chat template, no special tokens but a BOS.
+
+    Every turn is a block: a user message "# Query:\n{content}\n\n", an assistant message
+    "# Answer:\n{content}\n\n" (content stripped), and the generation prompt "# Answer:\n". The
+    demonstrations come first as such blocks: (query, answer) pairs for urial, answers alone for
+    urial-r, none for zero-shot; an earlier exchange of a chat is one more (query, answer) pair.
+    A reply ends at the next block header ("# Query:", "# Answer:", or URIAL's "# Instruction"),
+    or at the EOS; a trailing code fence is stripped (`clean_reply`). Inference only: a
+    conversation that ends with an assistant turn (a training or scoring example) is refused.
+    """
+
+    trainable = False
+
+    def __init__(self, tokenizer, name: str, demonstrations: list[dict] | None = None):
+        if name not in ICL_TEMPLATES:
+            raise RtuneError(f"unknown in-context format {name!r}: choose one of {', '.join(ICL_TEMPLATES)}")
+        self.name = name
+        if name == "zero-shot":
+            if demonstrations:
+                raise RtuneError("--icl zero-shot uses no demonstrations; leave --icl-file out")
+            self.demonstrations: list[dict] = []
+        elif demonstrations is None:
+            self.demonstrations = load_demonstrations(None, name)
+        else:
+            self.demonstrations = check_demonstrations(demonstrations, name)
+        self.strings = dict(ICL)
+        # The EOS also ends a reply; nothing is trained, so nothing needs it.
+        self.end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(ICL_STOP_STRINGS)
+
+    def demonstration_messages(self) -> list[dict]:
+        out: list[dict] = []
+        for d in self.demonstrations:
+            if self.name == "urial":
+                out.append({"role": "user", "content": d["query"]})
+            out.append({"role": "assistant", "content": d["answer"]})
+        return out
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
+        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+            raise RtuneError(
+                f"the {self.name} template is an in-context prompt for untrained base models (inference only): "
+                "it cannot render a training or scoring example; train with --template tulu or model"
+            )
+        s = self.strings
+        out: list[Segment] = []
+        for i, m in enumerate(self.demonstration_messages() + list(messages)):
+            if m["role"] not in ("user", "assistant"):
+                raise RtuneError(f"message {i - len(self.demonstration_messages())}: role {m['role']!r} is not "
+                                 f"supported by the {self.name} template (user and assistant turns only)")
+            header = s["query_header"] if m["role"] == "user" else s["answer_header"]
+            out += [Segment(header), Segment(m["content"].strip(), content=True), Segment(s["block_end"])]
+        if add_generation_prompt:
+            out.append(Segment(s["answer_header"]))
+        return out
+
+    @staticmethod
+    def clean_reply(text: str) -> str:
+        return strip_trailing_fence(text)
+
+    def jinja(self, with_bos: bool) -> str:
+        """The same prompt as a Jinja chat template: the demonstrations as literal text, then the turns."""
+        s = self.strings
+        lit = lambda text: "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # noqa: E731  (escaped literal text)
+        demos = "".join((s["query_header"] if m["role"] == "user" else s["answer_header"]) + m["content"]
+                        + s["block_end"] for m in self.demonstration_messages())
+        return (
+            ("{{ bos_token }}" if with_bos else "")
+            + (lit(demos) if demos else "")
+            + "{% for message in messages %}"
+            + "{% if message['role'] == 'user' %}" + lit(s["query_header"])
+            + "{% elif message['role'] == 'assistant' %}" + lit(s["answer_header"])
+            + "{% else %}{{ raise_exception('the " + self.name + " template has user and assistant turns only') }}"
+            + "{% endif %}"
+            + "{{ message['content'] | trim }}" + lit(s["block_end"])
+            + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + lit(s["answer_header"]) + "{% endif %}"
+        )
+
+    def to_dict(self) -> dict:
+        return {"demonstrations": [{k: v for k, v in d.items() if v is not None} for d in self.demonstrations]}

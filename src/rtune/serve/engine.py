@@ -209,7 +209,7 @@ class Engine:
                     raise StreamCancelled()
                 super().put(value)
 
-        return _JobStreamer(self.tokenizer, _Output(), strings)
+        return _JobStreamer(self.tokenizer, _Output(), strings, getattr(stops, "reply_cleanup", None))
 
     def run_batch(self, jobs: list[Job]) -> list[Result]:
         """Answer jobs with equal settings in one generate call (in input order)."""

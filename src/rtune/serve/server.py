@@ -71,8 +71,10 @@ def _uvicorn_server(app):
 def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           template: str | None = None, model_name: str | None = None, dtype: str | None = None,
           max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_queue: int = 64,
-          max_body_bytes: int = 1 << 20, max_tokens: int = 512) -> None:
-    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C)."""
+          max_body_bytes: int = 1 << 20, max_tokens: int = 512, icl_file: str | None = None) -> None:
+    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C).
+
+    template urial | urial-r | zero-shot serves a plain model in context (demonstrations from icl_file)."""
     from rtune.infer.load import load_for_inference
     from rtune.serve.app import create_app
     from rtune.serve.engine import Engine, default_model_name
@@ -86,7 +88,7 @@ def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_k
         logger.warning("listening on %s without an API key: anyone who can reach it can use the model "
                        "(set --api-key or RTUNE_API_KEY)", host)
     try:
-        model, tokenizer, renderer = load_for_inference(model_or_run, template=template, dtype=torch_dtype)
+        model, tokenizer, renderer = load_for_inference(model_or_run, template=template, dtype=torch_dtype, icl_file=icl_file)
         engine = Engine(model, tokenizer, renderer, model_name or default_model_name(model_or_run))
         app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                          max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens)

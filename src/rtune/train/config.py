@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from rtune.errors import RtuneError
-from rtune.render import METHODS, TEMPLATES
+from rtune.render import ICL_TEMPLATES, METHODS, TEMPLATES
 
 PEFT = ("lora", "qlora", "none")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -164,6 +164,16 @@ _CHECKS = {
     "save_steps": lambda v: None if v >= 0 else "must be >= 0 (0 = no checkpoints)",
     "save_total_limit": lambda v: None if v >= 1 else "must be >= 1",
 }
+
+
+def _check_template(v):
+    if v in ICL_TEMPLATES:  # a clear refusal, not just "must be one of"
+        return (f"{v!r} is an in-context prompt for untrained base models (inference only: --icl {v} on rtune "
+                "generate, chat, serve and eval); training renders with tulu or model")
+    return _choice(TEMPLATES)(v)
+
+
+_CHECKS["template"] = _check_template
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ ASPECTS = ("helpfulness", "clarity", "factuality", "depth", "engagement")
 SAFETY_ASPECTS = ("safety",)
 KNOWN = ASPECTS + SAFETY_ASPECTS
 
-PARAMS = {"temperature": 0, "max_tokens": 1024}
+PARAMS = {"temperature": 0, "max_tokens": 768}  # five short reasons and scores fit in ~300 tokens
 
 _DEFINITIONS = {
     "helpfulness": "Does the response address what the user asked and give them what they need?",
