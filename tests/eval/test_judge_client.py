@@ -294,6 +294,8 @@ def test_parse_chat_completion_refuses_what_is_not_a_completion():
 # -- against the fake endpoint -----------------------------------------------------------------------
 def test_faults_are_retried_counted_and_a_second_run_asks_nothing_cached(fake, api_key_env, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx2"):  # `rtune` commands run by earlier tests quiet these loggers
+        caplog.set_level(logging.DEBUG, logger=name)
     fake.reset()
     cache = tmp_path / "judge.jsonl"
     good = make_requests(40)
