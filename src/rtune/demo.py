@@ -45,7 +45,7 @@ class DemoConfig:
     max_new_tokens: int = 192
     save_steps: int = 16
     safety_size: int = 16  # AdvBench and HarmBench prompts each model answers (seeded samples)
-    eval_batch_size: int = 64  # all of the demo's prompts in one batch: a batch runs until its longest answer ends
+    eval_batch_size: int = 24  # measured: 24 beat 56 (one batch) on 2 cores; a batch runs until its longest answer ends
     ranking_k: int = 3  # other responses each held-out reference is ranked against (the time budget)
 
 

@@ -60,9 +60,9 @@ class EvalDecoding:
         return self
 
     def resolved(self, device_type: str) -> dict:
-        """The settings that decide outputs (batch size does not), with the dtype resolved."""
+        """The settings that decide outputs, with the dtype resolved. The batch size is one of them:
+        in bf16 a batch's shapes can change a greedy answer (in fp32 they do not: tested)."""
         d = asdict(self)
-        d.pop("batch_size")
         d["dtype"] = resolve_dtype(self.dtype, device_type)
         return d
 
@@ -164,24 +164,35 @@ def generate_missing(loaded, prompts: dict[str, list[int]], cache: JsonlCache, d
     if decoding.backend == "vllm":
         _generate_vllm(loaded, todo, cache, decoding)
     else:
-        _generate_hf(loaded, todo, cache, decoding, progress)
+        _generate_hf(loaded, prompts, todo, cache, decoding, progress)
     counts["generated"] = len(todo)
     counts["seconds"] = round(time.perf_counter() - start, 2)
     counts["new_tokens"] = sum(cache.get(k)["num_tokens"] for k in todo)
     return counts
 
 
-def _generate_hf(loaded, todo: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding,
-                 progress: bool) -> None:
+def fixed_batches(prompts: dict[str, list[int]], batch_size: int) -> list[list[str]]:
+    """The batches of an evaluation, a pure function of its prompts: longest first, ties by key.
+
+    In bf16 a prompt's greedy answer can depend on which prompts share its batch (other shapes,
+    other kernels), so a resumed run must form the very batches an uninterrupted run forms."""
+    keys = sorted(prompts, key=lambda k: (-len(prompts[k]), k))
+    return [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+
+
+def _generate_hf(loaded, prompts: dict[str, list[int]], todo: dict[str, list[int]], cache: JsonlCache,
+                 decoding: EvalDecoding, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     config = decoding.generation_config()
-    # Longest first, in batches: similar lengths share a batch, and each batch is on disk when done.
-    keys = sorted(todo, key=lambda k: len(todo[k]), reverse=True)
-    bar = tqdm(total=len(keys), desc=f"generate {loaded.label}", unit="prompt", disable=None if progress else True)
+    bar = tqdm(total=len(todo), desc=f"generate {loaded.label}", unit="prompt", disable=None if progress else True)
     try:
-        for start in range(0, len(keys), decoding.batch_size):
-            batch = keys[start : start + decoding.batch_size]
+        for batch in fixed_batches(prompts, decoding.batch_size):
+            # A batch is appended whole, so after a kill it is either all cached or all missing; it is
+            # partly cached only when other evaluations cached some of its prompts (then those stay).
+            batch = [k for k in batch if k in todo]
+            if not batch:
+                continue
             gens = generate_ids(loaded.model, loaded.tokenizer, loaded.renderer, [todo[k] for k in batch], config)
             cache.add_many({k: {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens,
                                 "token_ids": g.token_ids} for k, g in zip(batch, gens)})
