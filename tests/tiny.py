@@ -132,3 +132,26 @@ def tiny_config(**kw):
     from rtune.train.config import load_config
 
     return load_config(None, base)
+
+
+class ScriptedReply:
+    """Make the model write exactly `ids` (then EOS) while registered."""
+
+    def __init__(self, model, ids, eos_id):
+        self.model, self.ids = model, list(ids) + [eos_id]
+
+    def __enter__(self):
+        step = {"n": 0}
+
+        def hook(module, args, kwargs, output):
+            if kwargs["input_ids"].shape[1] > 1:  # a new prompt: the script starts over
+                step["n"] = 0
+            output.logits[:, -1, self.ids[min(step["n"], len(self.ids) - 1)]] += 1e4
+            step["n"] += 1
+            return output
+
+        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -3,6 +3,7 @@
 import io
 
 import pytest
+from tiny import ScriptedReply
 from transformers import AutoModelForCausalLM
 
 import rtune.infer.chat as chat_mod
@@ -118,35 +119,12 @@ def test_context_full_drops_oldest_exchange(model, tiny_tokenizer, monkeypatch):
     assert renderer.rendered[-1] == [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 
-class _Script:
-    """Make the model write exactly `ids` (then EOS) while registered."""
-
-    def __init__(self, model, ids, eos_id):
-        self.model, self.ids = model, list(ids) + [eos_id]
-
-    def __enter__(self):
-        step = {"n": 0}
-
-        def hook(module, args, kwargs, output):
-            if kwargs["input_ids"].shape[1] > 1:  # a new prompt: the script starts over
-                step["n"] = 0
-            output.logits[:, -1, self.ids[min(step["n"], len(self.ids) - 1)]] += 1e4
-            step["n"] += 1
-            return output
-
-        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_reply_ends_at_a_stop_string(model, tiny_tokenizer, stream):
     # The model runs on into an invented next turn: neither the screen nor the history shows it.
     script = tiny_tokenizer("Sure thing.\n<|user|>\nAnd more", add_special_tokens=False)["input_ids"]
     out = io.StringIO()
-    with _Script(model, script, tiny_tokenizer.eos_token_id):
+    with ScriptedReply(model, script, tiny_tokenizer.eos_token_id):
         history = chat_loop(model, tiny_tokenizer, Renderer(tiny_tokenizer), config=GenerationConfig(max_new_tokens=40),
                             input_fn=scripted(["Hi"]), output=out, stream=stream)  # fmt: skip
     assert history[1] == {"role": "assistant", "content": "Sure thing."}
@@ -157,7 +135,7 @@ def test_reply_ends_at_a_stop_string(model, tiny_tokenizer, stream):
 def test_user_stop_in_chat(model, tiny_tokenizer):
     script = tiny_tokenizer("Eat well. Third. More", add_special_tokens=False)["input_ids"]
     out = io.StringIO()
-    with _Script(model, script, tiny_tokenizer.eos_token_id):
+    with ScriptedReply(model, script, tiny_tokenizer.eos_token_id):
         history = chat_loop(model, tiny_tokenizer, Renderer(tiny_tokenizer),
                             config=GenerationConfig(max_new_tokens=40, stop=["Third"]), input_fn=scripted(["Hi"]),
                             output=out)  # fmt: skip

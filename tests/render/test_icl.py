@@ -7,7 +7,6 @@ import json
 
 import pytest
 import tiny
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rtune.cli import main
@@ -124,29 +123,6 @@ def test_special_spellings_stay_text(gemma_tokenizer, name):
 
 
 # -- stop strings and the trailing fence --------------------------------------------------------------
-class _Script:
-    """Make the model generate exactly `ids` (then EOS) while registered."""
-
-    def __init__(self, model, ids, eos_id):
-        self.model, self.ids = model, list(ids) + [eos_id]
-
-    def __enter__(self):
-        step = {"n": 0}
-
-        def hook(module, args, kwargs, output):
-            if kwargs["input_ids"].shape[1] > 1:  # a new prompt: the script starts over
-                step["n"] = 0
-            output.logits[:, -1, self.ids[min(step["n"], len(self.ids) - 1)]] += 1e4
-            step["n"] += 1
-            return output
-
-        self.handle = self.model.register_forward_hook(hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_model_path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
@@ -164,14 +140,14 @@ def llama(tiny_model_path):
 def test_stop_strings_cut_the_reply(llama, tiny_tokenizer, generated, reply, reason):
     r = renderer(tiny_tokenizer, "urial-r")
     script = text_ids(tiny_tokenizer, generated)
-    with _Script(llama, script, tiny_tokenizer.eos_token_id):
+    with tiny.ScriptedReply(llama, script, tiny_tokenizer.eos_token_id):
         (out,) = generate_ids(llama, tiny_tokenizer, r, [r.render_prompt("Name a fruit.")],
                               GenerationConfig(max_new_tokens=60))
     assert (out.text, out.finish_reason) == (reply, reason)
     assert tiny_tokenizer.decode(out.token_ids) == reply and out.num_tokens == len(out.token_ids)
     assert out.token_ids == script[: len(out.token_ids)]
     # The same script under tulu (no such stop strings, no cleanup) runs on to the EOS.
-    with _Script(llama, script, tiny_tokenizer.eos_token_id):
+    with tiny.ScriptedReply(llama, script, tiny_tokenizer.eos_token_id):
         (plain,) = generate_ids(llama, tiny_tokenizer, Renderer(tiny_tokenizer), [r.render_prompt("Name a fruit.")],
                                 GenerationConfig(max_new_tokens=60))
     assert (plain.text, plain.finish_reason) == (generated, "eos")
@@ -193,7 +169,7 @@ def test_chat_in_context(llama, tiny_tokenizer, stream):
     r.render_chat_prompt = lambda messages: seen.append(tiny_tokenizer.decode(original(messages))) or original(messages)
     out = io.StringIO()
     inputs = iter(["Name a fruit.", "Another one?", "/exit"])
-    with _Script(llama, text_ids(tiny_tokenizer, "A pear.\n```\n\n# Query:\nx"), tiny_tokenizer.eos_token_id):
+    with tiny.ScriptedReply(llama, text_ids(tiny_tokenizer, "A pear.\n```\n\n# Query:\nx"), tiny_tokenizer.eos_token_id):
         history = chat_loop(llama, tiny_tokenizer, r, config=GenerationConfig(max_new_tokens=40),
                             input_fn=lambda prompt="": next(inputs), output=out, stream=stream)
     assert [m["content"] for m in history] == ["Name a fruit.", "A pear.", "Another one?", "A pear."]
@@ -397,7 +373,7 @@ def test_serve_in_context(llama, tiny_tokenizer):
     app = create_app(engine, max_batch_size=4, batch_wait_ms=5, max_queue=4, max_tokens=40)
     script = text_ids(tiny_tokenizer, "A pear.\n```\n\n# Query:\nx")
     messages = [{"role": "user", "content": "Name a fruit."}]
-    with _Script(llama, script, tiny_tokenizer.eos_token_id), ServerThread(app) as server:
+    with tiny.ScriptedReply(llama, script, tiny_tokenizer.eos_token_id), ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="tiny", messages=messages)
         assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("A pear.", "stop")
