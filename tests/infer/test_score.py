@@ -145,3 +145,14 @@ def test_response_ranking_uses_the_scores(renderer, tiny_model_path):
         assert got == ranking_from_scores(conditional, unconditional if normalize else None)
     with pytest.raises(RtuneError, match="one to one"):
         response_ranking(model, renderer, instructions, responses[:2])
+
+
+def test_in_context_format_scores_the_text_after_its_prompt(tiny_tokenizer):
+    from rtune.infer.score import scored_tokens
+
+    r = Renderer(tiny_tokenizer, "urial-r")
+    prefix, targets = scored_tokens(r, "Name a colour.", "  Blue. <eos>  ")
+    assert prefix == r.render_prompt("Name a colour.")
+    assert targets == r.encode_text("Blue. <eos>") and tiny_tokenizer.eos_token_id not in targets
+    with pytest.raises(RtuneError, match="given an instruction only"):
+        scored_tokens(r, None, "Blue.")

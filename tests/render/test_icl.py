@@ -331,7 +331,9 @@ def test_cli_eval_labels_say_the_format(tmp_path, capsys, tiny_model_path, promp
     assert main(args + ["--icl", "urial-r"]) == 0
     summary = json.loads((ev / "results" / "base_urial-r" / "prompts" / "summary.json").read_text())
     assert summary["model"]["label"] == "base+urial-r" and summary["model"]["template"] == "urial-r"
-    assert not any(k.startswith(("ranking", "nll")) for k in summary["metrics"])  # nothing to score in context
+    # Scored in context: the reference after its prompt; there is no "without an instruction" rendering.
+    assert "ranking_top1" in summary["metrics"] and "nll_given_instruction" in summary["metrics"]
+    assert "nll_no_instruction" not in summary["metrics"] and "nll_gain" not in summary["metrics"]
     # The same base in two formats side by side, through the API the demo uses.
     from rtune.eval.run import EvalConfig, run_eval
     from rtune.eval.generation import EvalDecoding
@@ -342,7 +344,8 @@ def test_cli_eval_labels_say_the_format(tmp_path, capsys, tiny_model_path, promp
                          templates=[None, "urial", "zero-shot"])
     assert [s["model"]["label"] for s in summaries] == ["base", "base+urial", "base+zero-shot"]
     assert len({s["model"]["fingerprint"]["id"] for s in summaries}) == 3
-    assert "ranking_top1" in summaries[0]["metrics"] and "ranking_top1" not in summaries[1]["metrics"]
+    assert all("ranking_top1" in s["metrics"] for s in summaries)
+    assert "nll_gain" in summaries[0]["metrics"] and "nll_gain" not in summaries[1]["metrics"]
 
 
 def test_cli_chat_and_serve_take_icl(monkeypatch):

@@ -7,7 +7,9 @@
                        share of the K it is above. Ties count as failures.
     reference NLL      the reference response's mean negative log-likelihood per token given its
                        instruction and given no instruction (`rt`'s training format), and the gain
-                       between them: how much the model uses the instruction.
+                       between them: how much the model uses the instruction. A model prompted in
+                       context (URIAL...) is scored on the text after its prompt, given the
+                       instruction only.
     distribution shift (Lin et al. 2023, URIAL) over a tuned model's greedy answers: the share of
                        answer positions where the untuned base model's top-1 token differs from
                        the tuned model's token, and where that token is outside the base's top 3.
@@ -51,6 +53,9 @@ def nll_values(model, renderer, pairs: list[tuple[str, str]], batch_size: int = 
     out = []
     for instruction, reference in pairs:
         given = -score_responses(model, renderer, instruction, [reference], batch_size=batch_size)[0].mean_logprob
+        if not renderer.trainable:  # an in-context format has no "no instruction" rendering
+            out.append({"nll_given_instruction": given})
+            continue
         alone = -score_responses(model, renderer, None, [reference], batch_size=batch_size)[0].mean_logprob
         out.append({"nll_given_instruction": given, "nll_no_instruction": alone, "nll_gain": alone - given})
     return out

@@ -276,10 +276,7 @@ def unload(loaded: LoadedModel) -> None:
 
 # -- scores that need the model (cached) -----------------------------------------------------------
 def _scored(loaded: LoadedModel, item, config: EvalConfig) -> bool:
-    # Ranking and reference NLL score a rendered (instruction, response) example; an in-context
-    # format renders prompts only (no trained end), so a model prompted in context has neither.
-    references = item.reference is not None and getattr(loaded.renderer, "trainable", True)
-    return references or (config.shift and loaded.base_spec is not None)
+    return item.reference is not None or (config.shift and loaded.base_spec is not None)
 
 
 def _score_key(loaded: LoadedModel, bench, index: int, config: EvalConfig) -> str:

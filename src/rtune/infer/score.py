@@ -57,6 +57,12 @@ def scored_tokens(
     """
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise RtuneError("instruction must be a non-empty string, or None to score without an instruction")
+    if not renderer.trainable:
+        # An in-context format (URIAL...) renders prompts only: the response is scored as the text that
+        # follows its prompt, stripped as the format strips content; no end token (a stop string ends it).
+        if instruction is None:
+            raise RtuneError("an in-context format scores a response given an instruction only")
+        return renderer.render_prompt(instruction), renderer.encode_text(response.strip())
     method = "rt" if instruction is None else "it"
     seq = renderer.render_training({"instruction": instruction or "", "response": response}, method)
     if seq is None:  # only possible with truncation, which is not used here; kept as a guard

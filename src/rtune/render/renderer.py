@@ -296,9 +296,13 @@ class Renderer:
         """Text at which generation stops and is cut (tulu: the next-turn headers <|user|>, <|assistant|>)."""
         return list(self.template.stop_strings)
 
+    def encode_text(self, text: str) -> list[int]:
+        """Content tokenized as text (no special tokens added or parsed), as every message's content is."""
+        return _encode(self.tokenizer, text)
+
     @property
     def trainable(self) -> bool:
-        """False for the in-context formats: they render prompts only, never a training or scoring example."""
+        """False for the in-context formats: they render prompts only, never a training example."""
         return getattr(self.template, "trainable", True)
 
     @property
