@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it natively) | fp32 | bf16")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="an extra stop string")
-    p.add_argument("--backend", default="hf", help="hf (default) | vllm (GPU; extra 'vllm')")
+    p.add_argument("--backend", default="hf", help="hf (default) | vllm (CUDA, vLLM installed beside rtune; untested, see README)")
     p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
     _add_icl_flags(p)  # the labels say the format: gemma-3-270m+urial-r
     p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")

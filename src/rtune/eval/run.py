@@ -240,7 +240,8 @@ def _load_vllm(loaded: LoadedModel, dtype: torch.dtype) -> None:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
     except ImportError:
-        raise RtuneError("--backend vllm needs vLLM on a CUDA machine: pip install 'rtune[vllm]'") from None
+        raise RtuneError("--backend vllm needs vLLM on a CUDA machine, installed beside rtune (there is no "
+                         "'vllm' extra: no vLLM release accepts rtune's transformers pin yet; see README)") from None
     dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
     if run_folder.is_run_dir(loaded.spec):
         info = run_folder.read_run_info(loaded.spec)
