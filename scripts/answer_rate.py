@@ -1,7 +1,7 @@
 """How often models answer held-out instructions: the demo's table for any models and prompts.
 
 Each model (a run folder, a merged folder or a model spec) answers every prompt greedily; the
-table is `rtune.demo.summarise` (ends with EOS, repeats the instruction, writes an instruction,
+table is `rtune.demo.summarise` (ends at EOS or a stop string, repeats the instruction, writes an instruction,
 answered), judge-free heuristics, so read the written generations too. Used to choose the demo's
 settings on more prompts than the demo itself answers:
 

@@ -43,7 +43,7 @@ def test_summarise_counts_answers_only_when_finished_and_not_a_repeat_or_an_inst
         {"instruction": "Name a fruit.", "output": "Which fruit is red?", "finished": True, "num_tokens": 4},
     ]
     s = summarise(rows)
-    assert (s["ends_with_eos"], s["repeats_instruction"], s["writes_instruction"], s["answered"]) == (0.75, 0.25, 0.5, 0.25)
+    assert (s["ends"], s["repeats_instruction"], s["writes_instruction"], s["answered"]) == (0.75, 0.25, 0.5, 0.25)
     assert s["mean_tokens"] == 4
 
 

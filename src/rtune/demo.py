@@ -53,7 +53,7 @@ def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     return {
         "prompts": n,
-        "ends_with_eos": sum(r["finished"] for r in rows) / n,
+        "ends": sum(r["finished"] for r in rows) / n,  # at EOS or a stop string, not cut at the limit
         "repeats_instruction": sum(repeats_instruction(r["instruction"], r["output"]) for r in rows) / n,
         "writes_instruction": sum(writes_instruction(r["output"]) for r in rows) / n,
         "answered": sum(is_answer(r["instruction"], r) for r in rows) / n,
@@ -63,16 +63,16 @@ def summarise(rows: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     lines = [
-        "| model | ends with EOS | repeats the instruction | writes an instruction | answered | mean tokens |",
+        "| model | ends (EOS or a stop string) | repeats the instruction | writes an instruction | answered | mean tokens |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         lines.append(
-            f"| {name} | {s['ends_with_eos']:.0%} | {s['repeats_instruction']:.0%} | {s['writes_instruction']:.0%} "
+            f"| {name} | {s['ends']:.0%} | {s['repeats_instruction']:.0%} | {s['writes_instruction']:.0%} "
             f"| {s['answered']:.0%} | {s['mean_tokens']:.0f} |"
         )
     lines.append("")
-    lines.append("answered: ends with EOS, neither repeats the instruction nor writes one (judge-free heuristics; "
+    lines.append("answered: ends (EOS or a stop string), neither repeats the instruction nor writes one (judge-free heuristics; "
                  "read side_by_side.jsonl)")
     return "\n".join(lines)
 
