@@ -141,7 +141,9 @@ def refusal_figure(points: list[tuple[str, str, dict, dict, str]], models: list[
     sources = list(dict.fromkeys(p[1] for p in points))
     judges = list(dict.fromkeys(p[4] for p in points))
     markers = dict(zip(dict.fromkeys((p[1], p[4]) for p in points), "osD^vP*X"))
-    fig = Figure(figsize=(8.5, 6.2), layout="constrained")
+    # The legend sits under the axes, two columns; the figure grows by its rows.
+    legend_rows = -(-len(points) // 2)
+    fig = Figure(figsize=(9.5, 6.2 + 0.28 * legend_rows), layout="constrained")
     ax = fig.add_subplot()
     for model in models:
         for source in sources:
@@ -166,9 +168,9 @@ def refusal_figure(points: list[tuple[str, str, dict, dict, str]], models: list[
     title = "Refusal vs over-refusal" + (f" ({sources[0]})" if len(sources) == 1 else "")
     if len(judges) > 1:
         title += f"\nfilled: judge {judges[0]}; hollow: judge {', '.join(judges[1:])}"
-    ax.set_title(title + "\nbest: top left; whiskers: 95% bootstrap interval", fontsize=12)
+    fig.suptitle(title + "\nbest: top left; whiskers: 95% bootstrap interval", fontsize=12)
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", frameon=False)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return fig
 
 
