@@ -272,7 +272,7 @@ def test_prepare_is_deterministic(src50, tmp_path):
     a = prepare(src50, tmp_path / "a.jsonl", limit=10, seed=1)
     b = prepare(src50, tmp_path / "b.jsonl", limit=10, seed=1)
     c = prepare(src50, tmp_path / "c.jsonl", limit=10, seed=2)
-    assert a["sha256"] == b["sha256"]
+    assert a["sha256"] == b["sha256"] != c["sha256"]
     assert ids(tmp_path / "a.jsonl") == ids(tmp_path / "b.jsonl")
     assert ids(tmp_path / "a.jsonl") != ids(tmp_path / "c.jsonl")
 
@@ -290,7 +290,7 @@ def test_prepare_holdout_disjoint_and_stable_under_limit(src50, tmp_path):
         assert len(train) == n and not set(train) & set(held)
     # A smaller limit is a prefix of a larger one.
     assert ids(tmp_path / "t20.jsonl")[:5] == ids(tmp_path / "t5.jsonl")
-    assert (s5["train"], s5["heldout"], sall["train"]) == (5, 8, 42)
+    assert (s5["train"], s5["heldout"], s20["train"], sall["train"]) == (5, 8, 20, 42)
 
 
 def test_heldout_path():
