@@ -55,6 +55,7 @@ for summary in sorted(pathlib.Path(sys.argv[1]).glob("results/*/*/summary.json")
 PY
 
 # rtune serve on the GPU: a chat request, a completion with echo + logprobs, a malformed body.
+# Standard library only (perf/serve_load.py needs the openai package, which GPU images may lack).
 rtune serve "$work/lora" --port 8765 --model-name lora > "$work/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

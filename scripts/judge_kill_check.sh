@@ -16,7 +16,10 @@ args=("$rt" "$it" --names rt,it --bench advbench:16 --max-new-tokens 192 --no-re
 rtune eval "${args[@]}" > "$work/run1.log" 2>&1 &
 pid=$!
 cache=$work/eval/cache/judges/smollm2-135m-instruct.jsonl
-while [ "$(cat "$cache" 2>/dev/null | wc -l)" -lt 20 ]; do sleep 0.5; done
+while [ "$(cat "$cache" 2>/dev/null | wc -l)" -lt 20 ]; do
+    kill -0 $pid 2>/dev/null || { echo "the eval ended before 20 judgments; see $work/run1.log"; exit 1; }
+    sleep 0.5
+done
 kill -9 $pid; wait $pid 2>/dev/null
 echo "killed with $(wc -l < "$cache") judgments cached"
 sleep 30  # let the server finish the requests that were in flight (their answers are lost)
