@@ -35,7 +35,7 @@ TIMEOUT = 60
 
 
 class GatedEngine(Engine):
-    """An Engine whose batches can be held (gate cleared), made to fail, and counted."""
+    """An Engine whose forward steps can be held (gate cleared), made to fail, and counted."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,19 +43,14 @@ class GatedEngine(Engine):
         self.gate.set()
         self.entered = 0
         self.fail: Exception | None = None
-        self.errors: list[str] = []
 
-    def run_batch(self, jobs):
+    def forward(self, *args, **kwargs):
         self.entered += 1
         if not self.gate.wait(TIMEOUT):
             raise TimeoutError("the test gate never opened")
         if self.fail is not None:
             raise self.fail
-        try:
-            return super().run_batch(jobs)
-        except Exception as e:
-            self.errors.append(type(e).__name__)
-            raise
+        return super().forward(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +64,7 @@ def served(loaded):
     engine = GatedEngine(model, tokenizer, renderer, MODEL)
     app = create_app(engine, max_batch_size=8, batch_wait_ms=20, max_queue=8, max_tokens=16)
     with ServerThread(app) as server:
-        yield SimpleNamespace(url=server.url, engine=engine, batcher=app.state.batcher, model=model,
+        yield SimpleNamespace(url=server.url, engine=engine, scheduler=app.state.models[MODEL].scheduler, model=model,
                               tokenizer=tokenizer, renderer=renderer)
     assert not server.thread.is_alive()
 
@@ -289,16 +284,15 @@ def test_seeded_sampling_repeats(served, client):
 # -- batching -------------------------------------------------------------------------------------
 def test_concurrent_requests_are_batched_and_answer_as_serial_ones(served):
     serial_client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
-    before = sum(served.batcher.batch_sizes.values())
+    scheduler = served.scheduler
     serial = [serial_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
                                                     temperature=0, max_tokens=8).choices[0].message.content
               for p in PROMPTS]
-    assert sum(served.batcher.batch_sizes.values()) - before == len(PROMPTS)  # one at a time: one batch each
 
     async def together(hold: bool):
         client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
         blocker = None
-        if hold:  # keep the model busy so that all requests are queued before the next batch forms
+        if hold:  # keep the model busy so that all requests are queued before the next prefill
             served.engine.gate.clear()
             entered = served.engine.entered
             blocker = asyncio.create_task(client.chat.completions.create(
@@ -309,7 +303,7 @@ def test_concurrent_requests_are_batched_and_answer_as_serial_ones(served):
             model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8)) for p in PROMPTS]
         if hold:
             deadline = time.monotonic() + TIMEOUT
-            while len(served.batcher.pending) < len(PROMPTS):
+            while scheduler.queued < len(PROMPTS):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             served.engine.gate.set()
@@ -319,30 +313,30 @@ def test_concurrent_requests_are_batched_and_answer_as_serial_ones(served):
         return [r.choices[0].message.content for r in replies]
 
     try:
-        sizes = served.batcher.batch_sizes.copy()
+        rows = scheduler.step_rows.copy()
         assert asyncio.run(together(hold=True)) == serial
-        grew = served.batcher.batch_sizes - sizes
-        assert grew == {1: 1, len(PROMPTS): 1}  # the blocker, then all eight in one generate call
+        grew = scheduler.step_rows - rows
+        assert grew[len(PROMPTS)] >= 1 and max(grew) == len(PROMPTS)  # all eight stepped as one batch
 
-        # Without holding: requests that arrive together still share batches.
-        batches = served.batcher.batches
+        # Without holding: requests that arrive together still share steps.
+        rows = scheduler.step_rows.copy()
         assert asyncio.run(together(hold=False)) == serial
-        assert served.batcher.batches - batches < len(PROMPTS)
+        assert max(scheduler.step_rows - rows) > 1
     finally:
         served.engine.gate.set()
 
 
 def test_a_full_queue_answers_429_and_then_serves_again(served):
-    engine, batcher = served.engine, served.batcher
+    engine, scheduler = served.engine, served.scheduler
     engine.gate.clear()
-    pool = ThreadPoolExecutor(max_workers=batcher.max_queue + 1)
+    pool = ThreadPoolExecutor(max_workers=scheduler.max_queue + 1)
     try:
         entered = engine.entered
         running = pool.submit(post, served, "/v1/chat/completions", chat_body(max_tokens=2))
         wait_until(lambda: engine.entered > entered, "the first batch to start")
         queued = [pool.submit(post, served, "/v1/chat/completions", chat_body(max_tokens=3))
-                  for _ in range(batcher.max_queue)]
-        wait_until(lambda: len(batcher.pending) == batcher.max_queue, "the queue to fill")
+                  for _ in range(scheduler.max_queue)]
+        wait_until(lambda: scheduler.queued == scheduler.max_queue, "the queue to fill")
 
         status, headers, body = post(served, "/v1/chat/completions", chat_body())
         assert status == 429 and int(headers["retry-after"]) >= 1
@@ -354,11 +348,11 @@ def test_a_full_queue_answers_429_and_then_serves_again(served):
         # A streamed request is refused the same way, before its stream starts.
         status, _, _ = raw(served.url, "POST", "/v1/chat/completions", chat_body(stream=True))
         assert status == 429
-        assert len(batcher.pending) == batcher.max_queue  # nothing was added
+        assert scheduler.queued == scheduler.max_queue  # nothing was added
 
         engine.gate.set()
         assert running.result(TIMEOUT)[0] == 200
-        assert [f.result(TIMEOUT)[0] for f in queued] == [200] * batcher.max_queue
+        assert [f.result(TIMEOUT)[0] for f in queued] == [200] * scheduler.max_queue
     finally:
         engine.gate.set()
         pool.shutdown(wait=True)
@@ -459,18 +453,23 @@ def test_an_error_while_streaming_is_an_error_event(served):
 def test_a_client_that_leaves_a_stream_stops_its_generation(served):
     u = urllib.parse.urlsplit(served.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=TIMEOUT)
-    errors = len(served.engine.errors)
-    conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(stream=True, max_tokens=400)),
-                 {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the stream started
-    sock = conn.sock
-    if sock is not None:
-        sock.shutdown(socket.SHUT_RDWR)
-    resp.close()
-    conn.close()
-    wait_until(lambda: len(served.engine.errors) > errors, "the generation to stop")
-    assert served.engine.errors[-1] == "StreamCancelled"
+    cancelled = served.scheduler.stats["cancelled"]
+    served.engine.gate.clear()  # the stream starts, then waits for the gate at its next step
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(stream=True, max_tokens=400)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the stream started
+        wait_until(lambda: served.scheduler.running + served.scheduler.queued == 1, "the job to be taken")
+        sock = conn.sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        resp.close()
+        conn.close()
+    finally:
+        served.engine.gate.set()
+    wait_until(lambda: served.scheduler.stats["cancelled"] > cancelled, "the stream's job to be cancelled")
+    wait_until(lambda: served.scheduler.running == 0, "the job to leave the batch")
     assert post(served, "/v1/chat/completions", chat_body())[0] == 200
 
 

@@ -3,14 +3,18 @@
 Bodies are parsed here (not by FastAPI) so that every bad request gets a 400 in OpenAI's error shape
 {"error": {"message", "type", "param", "code"}}: malformed JSON, a field of the wrong type (types
 are strict: "5" is not an integer), an unknown role, an empty conversation, a prompt that does not
-fit the context window with its max_tokens. The middleware has already checked the API key and
-the body size.
+fit the context window with its max_tokens, and anything over the server's limits (`Limits`: the
+longest reply, the longest prompt, the stop strings' length). The middleware has already checked
+the API key and the body size.
 
-Chat messages are rendered with the model's own rtune template (`Renderer.render_chat_prompt`), on
-a render thread; raw /v1/completions prompts (text, token ids, or lists of either) are tokenized as
-the tokenizer does, and end only at the model's end ids and the request's `stop` strings. Prompts
-then go to the batcher (rtune.serve.batcher); streams run alone and are sent as server-sent events
-in OpenAI's chunk format, ending with `data: [DONE]`.
+The routes are module-level functions on `router`; what they share lives in `app.state`: the
+served models by name (each an Engine and its Scheduler: a request picks one with `model`), the
+limits, and the render thread. Chat messages are rendered with the model's own rtune template
+(`Renderer.render_chat_prompt`) on the render thread; raw /v1/completions prompts (text, token ids,
+or lists of either) are tokenized as the tokenizer does, and end only at the model's end ids, the
+request's `stop` strings and `stop_token_ids`. Jobs then go to the model's scheduler (continuous
+batching, rtune.serve.scheduler); streams are sent as server-sent events in OpenAI's chunk format,
+ending with `data: [DONE]`. A client that disconnects cancels its jobs, streamed or not.
 """
 
 from __future__ import annotations
@@ -22,22 +26,24 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rtune.errors import RtuneError
-from rtune.serve.batcher import Batcher, QueueFull
 from rtune.serve.engine import Engine, Job, Result, Settings, TokenLogprob
 from rtune.serve.middleware import ServeMiddleware, error_body
+from rtune.serve.scheduler import QueueFull, Scheduler, ShuttingDown
 
 logger = logging.getLogger("rtune.serve")
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 
 
@@ -71,6 +77,7 @@ class _Decoding(_Strict):
     top_k: int | None = Field(None, ge=0)  # vLLM's extension; 0 = off
     repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extension
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -211,289 +218,411 @@ def _sse(data) -> str:
 _END = object()
 
 
-# -- the app ----------------------------------------------------------------------------------------
-def create_app(engine: Engine, *, api_key: str | None = None, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-               max_queue: int = 64, max_body_bytes: int = 1 << 20, max_tokens: int = 512) -> FastAPI:
-    """The server's ASGI app around an Engine (run it with uvicorn, or `rtune.serve.server.serve`).
+# -- the server's state ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything more is a 400 (flags of `rtune serve`)."""
+
+    max_tokens: int = 512  # a chat reply's length when the request sets none (--max-tokens)
+    max_tokens_limit: int = 4096  # the longest reply any request may ask for (--max-tokens-limit)
+    max_prompt_tokens: int = 8192  # the longest prompt, in tokens (--max-prompt-tokens)
+    max_stop_chars: int = 4096  # a request's stop strings together, in characters (--max-stop-chars)
+
+    def check(self) -> Limits:
+        if min(self.max_tokens, self.max_tokens_limit, self.max_prompt_tokens, self.max_stop_chars) < 1:
+            raise RtuneError("--max-tokens, --max-tokens-limit, --max-prompt-tokens and --max-stop-chars must be >= 1")
+        if self.max_tokens > self.max_tokens_limit:
+            raise RtuneError(f"--max-tokens {self.max_tokens} is over --max-tokens-limit {self.max_tokens_limit}")
+        return self
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model behind the server: its engine and the scheduler that runs it."""
+
+    engine: Engine
+    scheduler: Scheduler
+
+
+def create_app(engines: Engine | list[Engine], *, api_key: str | None = None, max_batch_size: int = 16,
+               batch_wait_ms: float = 10.0, max_queue: int = 64, max_body_bytes: int = 1 << 20, max_tokens: int = 512,
+               max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096) -> FastAPI:
+    """The server's ASGI app around one Engine or several (run it with uvicorn, or
+    `rtune.serve.server.serve`); each engine gets its own scheduler (one running batch per model).
 
     max_tokens is the chat default when a request sets none (/v1/completions: 16, as OpenAI's);
-    both are capped by the context window."""
-    batcher = Batcher(engine.run_batch, max_batch_size=max_batch_size, max_wait_s=batch_wait_ms / 1000,
-                      max_queue=max_queue)
+    replies are capped by max_tokens_limit and the context window."""
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    if not engines or len({e.name for e in engines}) != len(engines):
+        raise RtuneError("serve at least one model, each under its own name")
+    limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, max_stop_chars).check()
+    models = {e.name: Served(e, Scheduler(e, max_batch_size=max_batch_size, max_queue=max_queue,
+                                          max_wait_s=batch_wait_ms / 1000)) for e in engines}
     render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtune-render")
-    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
-        await batcher.start()
+        for served in models.values():
+            await asyncio.to_thread(lambda e=served.engine: e.fingerprint)  # hashed once, before serving
+            served.scheduler.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            for served in models.values():
+                await served.scheduler.stop()
             render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="rtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.models, app.state.limits, app.state.render_pool = models, limits, render_pool
+    app.state.started = int(time.time())
     app.add_middleware(ServeMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e: ApiError):
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, code), e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_error(request, e: RequestValidationError):
-        return JSONResponse(error_body(str(e.errors()[:1]), "invalid_request_error"), 400)
-
-    # -- helpers sharing the app's state ------------------------------------------------------------
-    def check_model(name: str | None) -> None:
-        if name is not None and name != engine.name:
-            raise ApiError(404, f"the model {name!r} does not exist: this server serves {engine.name!r}", "model",
-                           "model_not_found")
-
-    async def render(fn, *args, param: str):
-        try:
-            return await asyncio.get_running_loop().run_in_executor(render_pool, fn, *args)
-        except RtuneError as e:
-            raise ApiError(400, str(e), param, "invalid_prompt") from None
-
-    def fit(prompt_len: int, requested: int | None, default: int, param: str) -> int:
-        """max_tokens for a prompt: the requested or default number, within the context window."""
-        context = engine.context
-        if context is None:
-            return default if requested is None else requested
-        if requested is None:
-            requested = min(default, context - prompt_len)
-            if requested < 1:
-                raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {param} "
-                               f"resulted in {prompt_len} tokens. Please reduce the length of the {param}.", param,
-                               "context_length_exceeded")
-        elif prompt_len + requested > context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{prompt_len + requested} tokens ({prompt_len} in the {param}, {requested} in the "
-                           f"completion). Please reduce the length of the {param} or completion.", param,
-                           "context_length_exceeded")
-        return requested
-
-    def settings(req: _Decoding, max_new: int, raw: bool) -> Settings:
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", "stop", "invalid_value")
-        if any(not s for s in stop):
-            raise ApiError(400, "stop strings must not be empty", "stop", "invalid_value")
-        return Settings(
-            max_tokens=max_new,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            stop=tuple(dict.fromkeys(stop)),
-            seed=req.seed,
-            raw=raw,
-        )
-
-    def submit(jobs: list[Job]) -> list[asyncio.Future]:
-        try:
-            return batcher.submit(jobs)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e.waiting} requests are waiting, the most it queues is "
-                           f"{batcher.max_queue}; retry after {e.retry_after} s", None, "queue_full",
-                           "rate_limit_error", {"Retry-After": str(e.retry_after)}) from None
-
-    def failure(e: BaseException) -> ApiError:
-        if isinstance(e, RtuneError):
-            return ApiError(400, str(e), None, "invalid_request")
-        logger.error("generation failed", exc_info=e)
-        return ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_failed")
-
-    async def results(futures) -> list[Result]:
-        try:
-            return await asyncio.gather(*futures)
-        except asyncio.CancelledError:
-            for f in futures:
-                f.cancel()
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure of the model answers 500 (RtuneError: 400)
-            raise failure(e) from None
-
-    def stream(job: Job, chunk, final_chunks) -> StreamingResponse:
-        """Server-sent events: chunk(text) for each piece of the reply, then final_chunks(result), then [DONE]."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        job.streamer = engine.streamer(job.settings, job, lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
-        (future,) = submit([job])  # a full queue answers 429 before the stream starts
-
-        def done(f):
-            if not f.cancelled():
-                f.exception()  # retrieved: a client that left does not leave an unretrieved exception
-            queue.put_nowait(_END)
-
-        future.add_done_callback(done)
-
-        async def events():
-            try:
-                first = chunk(None)
-                if first is not None:
-                    yield _sse(first)
-                while (text := await queue.get()) is not _END:
-                    if text:
-                        yield _sse(chunk(text))
-                if future.cancelled() or future.exception() is not None:
-                    e = failure(future.exception() or RuntimeError("cancelled"))
-                    yield _sse(error_body(e.message, e.type, e.param, e.code))
-                else:
-                    for c in final_chunks(future.result()):
-                        yield _sse(c)
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # the client left (or the stream is over): stop generating
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # -- routes -----------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/stats")
-    async def stats():
-        return {"model": engine.name, "queued": len(batcher.pending), "busy": batcher.busy,
-                "batches": batcher.batches, "batch_sizes": {str(k): v for k, v in sorted(batcher.batch_sizes.items())},
-                "context_length": engine.context, "max_batch_size": batcher.max_batch_size,
-                "max_queue": batcher.max_queue}
-
-    def model_card() -> dict:
-        return {"id": engine.name, "object": "model", "created": started, "owned_by": "rtune"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        check_model(model_id)
-        return model_card()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: ChatRequest = parse_body(ChatRequest, await request.body())
-        check_model(req.model)
-        _refuse_unsupported(req)
-        if req.tools:
-            raise ApiError(400, "tools are not supported", "tools", "unsupported")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format", "unsupported")
-        if not req.messages:
-            raise ApiError(400, "'messages' must not be empty", "messages", "invalid_value")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-        messages = []
-        for i, m in enumerate(req.messages):
-            if m.content is None:
-                raise ApiError(400, f"'messages[{i}].content' must be text", f"messages[{i}].content", "invalid_value")
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        prompt = await render(engine.chat_prompt, messages, param="messages")
-        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if requested == 0:
-            raise ApiError(400, "max_tokens must be at least 1", "max_tokens", "invalid_value")
-        job = Job(prompt, settings(req, fit(len(prompt), requested, max_tokens, "messages"), raw=False),
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
-        logprobs = job.logprobs is not None
-
-        if req.stream:
-            def chunk(text):
-                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-                return {**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
-
-            def final(result: Result):
-                yield {**head, "object": "chat.completion.chunk",
-                       "choices": [{"index": 0, "delta": {},
-                                    "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
-                                    "finish_reason": result.finish_reason}]}
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**head, "object": "chat.completion.chunk", "choices": [],
-                           "usage": _usage(len(prompt), result.completion_tokens)}
-
-            return stream(job, chunk, final)
-
-        (result,) = await results(submit([job]))
-        return JSONResponse({
-            **head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
-                         "finish_reason": result.finish_reason}],
-            "usage": _usage(len(prompt), result.completion_tokens),
-            "system_fingerprint": None,
-        })
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req: CompletionRequest = parse_body(CompletionRequest, await request.body())
-        check_model(req.model)
-        _refuse_unsupported(req)
-        if req.suffix:
-            raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
-        if req.best_of not in (None, 1):
-            raise ApiError(400, "best_of > 1 is not supported", "best_of", "unsupported")
-        p = req.prompt
-        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not batch:
-            raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
-        if len(batch) > batcher.max_queue:
-            raise ApiError(400, f"at most {batcher.max_queue} prompts per request", "prompt", "invalid_value")
-        if req.stream and (len(batch) > 1 or req.echo or req.logprobs is not None):
-            raise ApiError(400, "stream works with one prompt, without echo and logprobs", "stream", "unsupported")
-        prompts: list[tuple[str, list[int]]] = []
-        for i, item in enumerate(batch):
-            param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
-            if isinstance(item, str):
-                ids = await render(engine.text_prompt, item, param=param)
-                text = item
-            else:
-                if any(t < 0 or t >= engine.vocab_size for t in item):
-                    raise ApiError(400, f"'{param}' has token ids outside the vocabulary [0, {engine.vocab_size})",
-                                   param, "invalid_value")
-                ids = list(item)
-                text = await render(engine.decode, ids, param=param) if req.echo else ""
-            if not ids:
-                raise ApiError(400, f"'{param}' is empty (no tokens)", param, "invalid_value")
-            prompts.append((text, ids))
-        jobs = [Job(ids, settings(req, fit(len(ids), req.max_tokens, 16, "prompt"), raw=True),
-                    logprobs=req.logprobs, echo=bool(req.echo)) for _, ids in prompts]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
-                "object": "text_completion"}
-
-        if req.stream:
-            def chunk(text):
-                if text is None:
-                    return None
-                return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
-
-            def final(result: Result):
-                yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                            "finish_reason": result.finish_reason}]}
-                if req.stream_options and req.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": _usage(len(prompts[0][1]), result.completion_tokens)}
-
-            return stream(jobs[0], chunk, final)
-
-        done = await results(submit(jobs))
-        choices = []
-        for i, ((text, _), result) in enumerate(zip(prompts, done)):
-            choices.append({"index": i, "text": (text if req.echo else "") + result.text,
-                            "logprobs": completion_logprobs(result.logprobs) if result.logprobs is not None else None,
-                            "finish_reason": result.finish_reason})
-        return JSONResponse({**head, "choices": choices, "system_fingerprint": None,
-                             "usage": _usage(sum(len(ids) for _, ids in prompts),
-                                             sum(r.completion_tokens for r in done))})
-
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_error)
+    app.include_router(router)
     return app
+
+
+def stop_generating(app) -> None:
+    """Stop every model's generation now (from a signal handler too): waiting and running requests
+    answer 503 and the server can shut down within a step."""
+    for served in app.state.models.values():
+        served.scheduler.request_stop()
+
+
+async def _api_error(request, e: ApiError):
+    return e.response()
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, code), e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def _request_error(request, e: RequestValidationError):
+    return JSONResponse(error_body(str(e.errors()[:1]), "invalid_request_error"), 400)
+
+
+# -- helpers of the routes ----------------------------------------------------------------------------
+def _served(request: Request, name: str | None) -> Served:
+    models = request.app.state.models
+    if name is None:
+        if len(models) > 1:
+            raise ApiError(400, f"'model' is required: this server serves {sorted(models)}", "model", "missing_field")
+        return next(iter(models.values()))
+    if name not in models:
+        raise ApiError(404, f"the model {name!r} does not exist: this server serves {sorted(models)}", "model",
+                       "model_not_found")
+    return models[name]
+
+
+async def _render(request: Request, fn, *args, param: str):
+    try:
+        return await asyncio.get_running_loop().run_in_executor(request.app.state.render_pool, fn, *args)
+    except RtuneError as e:
+        raise ApiError(400, str(e), param, "invalid_prompt") from None
+
+
+def _reply_length(request: Request, engine: Engine, prompt_len: int, requested: int | None, default: int,
+                  param: str) -> int:
+    """max_tokens for a prompt: the requested or default number, within the limits and the context window."""
+    limits: Limits = request.app.state.limits
+    if prompt_len > limits.max_prompt_tokens:
+        raise ApiError(400, f"the {param} has {prompt_len} tokens; this server takes at most "
+                       f"{limits.max_prompt_tokens} (--max-prompt-tokens)", param, "prompt_too_long")
+    if requested is not None and requested > limits.max_tokens_limit:
+        raise ApiError(400, f"max_tokens is {requested}; this server generates at most {limits.max_tokens_limit} "
+                       "tokens per reply (--max-tokens-limit)", "max_tokens", "invalid_value")
+    context = engine.context
+    if context is None:
+        return min(default, limits.max_tokens_limit) if requested is None else requested
+    if requested is None:
+        requested = min(default, limits.max_tokens_limit, context - prompt_len)
+        if requested < 1:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {param} "
+                           f"resulted in {prompt_len} tokens. Please reduce the length of the {param}.", param,
+                           "context_length_exceeded")
+    elif prompt_len + requested > context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_len + requested} tokens ({prompt_len} in the {param}, {requested} in the "
+                       f"completion). Please reduce the length of the {param} or completion.", param,
+                       "context_length_exceeded")
+    return requested
+
+
+def _settings(request: Request, engine: Engine, req: _Decoding, max_new: int, raw: bool) -> Settings:
+    limits: Limits = request.app.state.limits
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", "stop", "invalid_value")
+    if any(not s for s in stop):
+        raise ApiError(400, "stop strings must not be empty", "stop", "invalid_value")
+    if sum(map(len, stop)) > limits.max_stop_chars:
+        raise ApiError(400, f"the stop strings have {sum(map(len, stop))} characters together; this server takes "
+                       f"at most {limits.max_stop_chars} (--max-stop-chars)", "stop", "invalid_value")
+    stop_ids = list(req.stop_token_ids or [])
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "stop_token_ids", "invalid_value")
+    if any(not 0 <= t < engine.vocab_size for t in stop_ids):
+        raise ApiError(400, f"'stop_token_ids' has ids outside the vocabulary [0, {engine.vocab_size})",
+                       "stop_token_ids", "invalid_value")
+    return Settings(
+        max_tokens=max_new,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        stop=tuple(dict.fromkeys(stop)),
+        stop_token_ids=tuple(dict.fromkeys(stop_ids)),
+        seed=req.seed,
+        raw=raw,
+    )
+
+
+def _submit(served: Served, jobs: list[Job]) -> list[asyncio.Future]:
+    try:
+        return served.scheduler.submit(jobs)
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e.waiting} requests are waiting, the most it queues is "
+                       f"{served.scheduler.max_queue}; retry after {e.retry_after} s", None, "queue_full",
+                       "rate_limit_error", {"Retry-After": str(e.retry_after)}) from None
+    except ShuttingDown as e:
+        raise _failure(e) from None
+
+
+def _failure(e: BaseException) -> ApiError:
+    if isinstance(e, RtuneError):
+        return ApiError(400, str(e), None, "invalid_request")
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e), None, "shutting_down", "server_error")
+    logger.error("generation failed", exc_info=e)
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", None, "generation_failed")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _results(request: Request, served: Served, jobs: list[Job]) -> list[Result] | None:
+    """The jobs' results; None when the client disconnected first (its jobs are cancelled)."""
+    gathered = asyncio.gather(*_submit(served, jobs))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({gathered, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not gathered.done():  # the client left, or this handler was cancelled
+            served.scheduler.cancel(jobs)
+            gathered.cancel()
+    if gathered.cancelled():
+        return None
+    try:
+        return gathered.result()
+    except Exception as e:  # noqa: BLE001 - a failed generation answers 500 (RtuneError: 400, shutdown: 503)
+        served.scheduler.cancel(jobs)  # the others of a multi-prompt request
+        raise _failure(e) from None
+
+
+_GONE = Response(status_code=499)  # nobody reads it: the client has gone
+
+
+def _stream(served: Served, job: Job, chunk, final_chunks) -> StreamingResponse:
+    """Server-sent events: chunk(text) for each piece of the reply, then final_chunks(result), then [DONE]."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    job.on_text = lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)
+    (future,) = _submit(served, [job])  # a full queue answers 429 before the stream starts
+
+    def done(f):
+        if not f.cancelled():
+            f.exception()  # retrieved: a client that left does not leave an unretrieved exception
+        queue.put_nowait(_END)
+
+    future.add_done_callback(done)
+
+    async def events():
+        try:
+            first = chunk(None)
+            if first is not None:
+                yield _sse(first)
+            while (text := await queue.get()) is not _END:
+                if text:
+                    yield _sse(chunk(text))
+            if future.cancelled() or future.exception() is not None:
+                e = _failure(future.exception() or RuntimeError("cancelled"))
+                yield _sse(error_body(e.message, e.type, e.param, e.code))
+            else:
+                for c in final_chunks(future.result()):
+                    yield _sse(c)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not future.done():  # the client left: stop generating
+                served.scheduler.cancel([job])
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _model_card(request: Request, engine: Engine) -> dict:
+    return {"id": engine.name, "object": "model", "created": request.app.state.started, "owned_by": "rtune",
+            "max_model_len": engine.context, "dtype": engine.dtype, "rtune_fingerprint": engine.fingerprint}
+
+
+# -- routes -------------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/stats")
+async def stats(request: Request):
+    limits: Limits = request.app.state.limits
+    return {"models": {name: {"context_length": s.engine.context, "dtype": s.engine.dtype, **s.scheduler.snapshot()}
+                       for name, s in request.app.state.models.items()},
+            "limits": {"max_tokens": limits.max_tokens, "max_tokens_limit": limits.max_tokens_limit,
+                       "max_prompt_tokens": limits.max_prompt_tokens, "max_stop_chars": limits.max_stop_chars}}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(request, s.engine) for s in request.app.state.models.values()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    return _model_card(request, _served(request, model_id).engine)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req: ChatRequest = parse_body(ChatRequest, await request.body())
+    served = _served(request, req.model)
+    engine = served.engine
+    _refuse_unsupported(req)
+    if req.tools:
+        raise ApiError(400, "tools are not supported", "tools", "unsupported")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format", "unsupported")
+    if not req.messages:
+        raise ApiError(400, "'messages' must not be empty", "messages", "invalid_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.content is None:
+            raise ApiError(400, f"'messages[{i}].content' must be text", f"messages[{i}].content", "invalid_value")
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    prompt = await _render(request, engine.chat_prompt, messages, param="messages")
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if requested == 0:
+        raise ApiError(400, "max_tokens must be at least 1", "max_tokens", "invalid_value")
+    max_new = _reply_length(request, engine, len(prompt), requested, request.app.state.limits.max_tokens, "messages")
+    job = Job(prompt, _settings(request, engine, req, max_new, raw=False),
+              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
+            "system_fingerprint": engine.fingerprint}
+    logprobs = job.logprobs is not None
+
+    def usage(result: Result) -> dict:
+        return _usage(len(prompt), result.completion_tokens)
+
+    if req.stream:
+        def chunk(text):
+            delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+        def final(result: Result):
+            yield {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {}, "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
+                                "finish_reason": result.finish_reason}]}
+            if req.stream_options and req.stream_options.include_usage:
+                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)}
+
+        return _stream(served, job, chunk, final)
+
+    done = await _results(request, served, [job])
+    if done is None:
+        return _GONE
+    (result,) = done
+    return JSONResponse({**head, "object": "chat.completion", "usage": usage(result),
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                      "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
+                                      "finish_reason": result.finish_reason}]})
+
+
+async def _completion_prompts(request: Request, engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+    """(text shown by echo, ids) for each prompt of a /v1/completions request."""
+    p = req.prompt
+    batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if not batch:
+        raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
+    most = min(s.scheduler.max_queue for s in request.app.state.models.values())
+    if len(batch) > most:
+        raise ApiError(400, f"at most {most} prompts per request", "prompt", "invalid_value")
+    prompts = []
+    for i, item in enumerate(batch):
+        param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            ids = await _render(request, engine.text_prompt, item, param=param)
+            text = item
+        else:
+            if any(t < 0 or t >= engine.vocab_size for t in item):
+                raise ApiError(400, f"'{param}' has token ids outside the vocabulary [0, {engine.vocab_size})",
+                               param, "invalid_value")
+            ids = list(item)
+            text = await _render(request, engine.decode, ids, param=param) if req.echo else ""
+        if not ids:
+            raise ApiError(400, f"'{param}' is empty (no tokens)", param, "invalid_value")
+        prompts.append((text, ids))
+    return prompts
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    req: CompletionRequest = parse_body(CompletionRequest, await request.body())
+    served = _served(request, req.model)
+    engine = served.engine
+    _refuse_unsupported(req)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
+    if req.best_of not in (None, 1):
+        raise ApiError(400, "best_of > 1 is not supported", "best_of", "unsupported")
+    many = not (isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)))
+    if req.stream and ((many and len(req.prompt) > 1) or req.echo or req.logprobs is not None):
+        raise ApiError(400, "stream works with one prompt, without echo and logprobs", "stream", "unsupported")
+    prompts = await _completion_prompts(request, engine, req)
+    jobs = [Job(ids, _settings(request, engine, req, _reply_length(request, engine, len(ids), req.max_tokens, 16,
+                                                                    "prompt"), raw=True),
+                logprobs=req.logprobs, echo=bool(req.echo)) for _, ids in prompts]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
+            "object": "text_completion", "system_fingerprint": engine.fingerprint}
+
+    if req.stream:
+        def chunk(text):
+            if text is None:
+                return None
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+
+        def final(result: Result):
+            yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": result.finish_reason}]}
+            if req.stream_options and req.stream_options.include_usage:
+                yield {**head, "choices": [], "usage": _usage(len(prompts[0][1]), result.completion_tokens)}
+
+        return _stream(served, jobs[0], chunk, final)
+
+    done = await _results(request, served, jobs)
+    if done is None:
+        return _GONE
+    choices = [{"index": i, "text": (text if req.echo else "") + result.text, "finish_reason": result.finish_reason,
+                "logprobs": completion_logprobs(result.logprobs) if result.logprobs is not None else None}
+               for i, ((text, _), result) in enumerate(zip(prompts, done))]
+    return JSONResponse({**head, "choices": choices, "usage": _usage(sum(len(ids) for _, ids in prompts),
+                                                                     sum(r.completion_tokens for r in done))})

@@ -1,15 +1,18 @@
-"""The model side of the server: token-id prompts in, replies and per-token log-probabilities out.
+"""The model side of the server: token-id prompts in, one batched forward step at a time, replies
+and per-token log-probabilities out.
 
 One `Engine` wraps (model, tokenizer, renderer). Its tokenizer is touched by two threads only, each
 with its own copy: the render thread (`chat_prompt`, `text_prompt`, `decode`) uses a private copy,
-the model thread (`run_batch`) the original, so a fast tokenizer is never used by two threads at
-once (its settings are mutable state shared with Rust, which refuses concurrent borrows).
+the model thread (the scheduler's steps, `result`, `token_logprobs`) the original, so a fast
+tokenizer is never used by two threads at once (its settings are mutable state shared with Rust,
+which refuses concurrent borrows).
 
-A batch is a list of `Job`s with equal `Settings`; `run_batch` generates them in one
-`generate_ids` call and, for jobs that ask for log-probabilities, runs one more forward pass over
-prompt + reply (in chunks continued through the KV cache, so the logits of a long prompt never
-exist at once). Log-probabilities are those of the model's own distribution, before temperature
-and top-p, as vLLM reports them by default.
+The scheduler (rtune.serve.scheduler) decides what runs; the engine gives it `forward` (one step
+of a padded batch through a KV cache), `stops` (what ends a request's reply) and `result` (the
+reply cut as `rtune generate` cuts it, with log-probabilities when asked: one more forward pass
+over prompt + reply, in chunks continued through the KV cache, so the logits of a long prompt
+never exist at once). Log-probabilities are those of the model's own distribution, before
+temperature and top-p, as vLLM reports them by default.
 """
 
 from __future__ import annotations
@@ -17,20 +20,20 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rtune.infer.generate import Generation, GenerationConfig, generate_ids
+from rtune.infer.generate import Generation, _finish
+from rtune.serve.text import StopSet, special_token_ids, stop_set
 
 LOGIT_BUDGET = 1 << 26  # fp32 logits held at once by a log-probability pass (256 MiB)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Decoding settings: requests with equal `key`s are generated in one call."""
+    """One request's decoding settings (each row of a running batch has its own)."""
 
     max_tokens: int
     temperature: float = 1.0  # 0: greedy
@@ -38,6 +41,7 @@ class Settings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: more ids that end the reply (finish "stop")
     seed: int | None = None
     raw: bool = False  # /v1/completions: only the end ids and `stop` end a reply, not the template's turn headers
 
@@ -46,28 +50,10 @@ class Settings:
         return self.temperature == 0
 
     @property
-    def alone(self) -> bool:
-        """A seeded sample runs alone, so that the same seed gives the same reply whatever else is queued."""
-        return not self.greedy and self.seed is not None
-
-    @property
     def key(self) -> tuple:
+        """Equal keys: the same decoding (for the scheduler's count of mixed batches)."""
         sampling = () if self.greedy else (self.temperature, self.top_p, self.top_k, self.seed)
-        return (self.max_tokens, self.stop, self.raw, self.repetition_penalty, sampling)
-
-    def generation_config(self, batch_size: int) -> GenerationConfig:
-        seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
-        return GenerationConfig(
-            max_new_tokens=self.max_tokens,
-            do_sample=not self.greedy,
-            temperature=self.temperature if not self.greedy else 1.0,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            batch_size=batch_size,
-            seed=seed % 2**63,
-            stop=list(self.stop),
-        )
+        return (self.max_tokens, self.stop, self.stop_token_ids, self.raw, self.repetition_penalty, sampling)
 
 
 @dataclass(eq=False)
@@ -78,14 +64,10 @@ class Job:
     settings: Settings
     logprobs: int | None = None  # None: none; k: each token's log-prob and the k most likely alternatives
     echo: bool = False  # with logprobs: the prompt tokens' log-probs too (the first is None)
-    streamer: object | None = None  # a transformers streamer: the job runs alone
-    cancelled: bool = False  # set by the client side; the batcher skips it, a streamer aborts
-    arrived: float = 0.0  # event-loop time when queued
+    on_text: object | None = None  # a stream: called (on the model thread) with each new piece of the reply
+    cancelled: bool = False  # set by the client side: the job leaves the queue or the running batch
+    arrived: float = 0.0  # monotonic time when queued
     future: object | None = field(default=None, repr=False)
-
-    @property
-    def alone(self) -> bool:
-        return self.streamer is not None or self.settings.alone
 
 
 MIN_LOGPROB = -9999.0  # a token of probability 0 (a masked logit): JSON has no -Infinity
@@ -107,10 +89,6 @@ class Result:
     finish_reason: str  # OpenAI's: "stop" (an end id or a stop string) or "length"
     completion_tokens: int  # reply tokens plus the end token when the model generated one
     logprobs: list[TokenLogprob] | None = None  # (prompt if echo) + reply (+ end token on /v1/completions)
-
-
-class StreamCancelled(Exception):
-    """The client of a streamed reply went away: generation stops."""
 
 
 class _EndIdsOnly:
@@ -154,25 +132,52 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-class Engine:
-    """(model, tokenizer, renderer) behind the server, with the served name and the context window."""
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-    def __init__(self, model, tokenizer, renderer, name: str, context: int | None = None):
+
+def fingerprint_id(spec: str, renderer) -> str:
+    """The model's output fingerprint, as `rtune eval` keys its cache (weights and template)."""
+    from rtune.eval.generation import model_fingerprint  # imported late: the eval package is heavy
+
+    return model_fingerprint(spec, renderer)["id"]
+
+
+class Engine:
+    """(model, tokenizer, renderer) behind the server, with the served name and the context window.
+
+    spec: what was loaded (a model name, run or folder), for the fingerprint; None: no fingerprint."""
+
+    def __init__(self, model, tokenizer, renderer, name: str, context: int | None = None, spec: str | None = None):
         from rtune.render import Renderer
 
         self.model, self.tokenizer, self.renderer, self.name = model, tokenizer, renderer, name
         self.context = context if context is not None else context_length(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.spec = spec
+        self._fingerprint: str | None = None
         self._raw_stops = _EndIdsOnly(renderer.stop_ids)
         # The render thread's own tokenizer and renderer (see the module docstring).
         self._render_tokenizer = copy.deepcopy(tokenizer)
         self._render_renderer = Renderer.from_dict(renderer.to_dict(), self._render_tokenizer)
         self._pieces: dict[int, tuple[str, list[int] | None]] = {}
         self._special_ids = set(tokenizer.all_special_ids)
+        self._special_text = special_token_ids(tokenizer)
         self._byte_level = type(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
         self._bytes_map = _byte_decoder() if self._byte_level else {}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.device = next(model.parameters()).device
+        param_dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+        self.dtype = _DTYPE_NAMES.get(param_dtype, str(param_dtype).removeprefix("torch."))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0  # fills left padding; masked, so never seen
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`fingerprint_id(spec, renderer)`, computed once (it reads the weights' digests)."""
+        if self._fingerprint is None and self.spec is not None:
+            self._fingerprint = fingerprint_id(self.spec, self.renderer)
+        return self._fingerprint
 
     # -- render thread ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> list[int]:
@@ -187,46 +192,32 @@ class Engine:
         return self._render_tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- model thread -----------------------------------------------------------------------------
-    def streamer(self, settings: Settings, job: Job, write) -> object:
-        """A streamer that calls write(text) with the reply's text as it is generated (stop strings held
-        back and cut, exactly as the reply), and aborts generation once `job.cancelled` is set."""
-        from rtune.infer.chat import _Streamer
-        from rtune.infer.generate import reply_stop_strings
+    def stops(self, settings: Settings) -> StopSet:
+        """What ends this request's reply: the template's stops (raw completions: the end ids only),
+        the request's stop strings and stop_token_ids. No vocabulary scan (see rtune.serve.text)."""
+        return stop_set(self._raw_stops if settings.raw else self.renderer, self._special_text, settings.stop,
+                        settings.stop_token_ids)
 
-        stops = self._raw_stops if settings.raw else self.renderer
-        strings = reply_stop_strings(stops, GenerationConfig(stop=list(settings.stop)))
+    def decode_reply(self, ids: list[int]) -> str:
+        """Reply ids -> text on the model thread (its own tokenizer)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-        class _Output:
-            def write(self, text):
-                write(text)
+    def new_cache(self):
+        from transformers import DynamicCache
 
-            def flush(self):
-                pass
+        return DynamicCache(config=self.model.config)
 
-        class _JobStreamer(_Streamer):
-            def put(self, value):
-                if job.cancelled:
-                    raise StreamCancelled()
-                super().put(value)
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One step of a left-padded batch through `cache` (which grows): the fp32 logits of each row's
+        last position, [rows, vocab] (fp32 as HF generate casts them before choosing a token)."""
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1].float()
 
-        return _JobStreamer(self.tokenizer, _Output(), strings, getattr(stops, "reply_cleanup", None))
-
-    def run_batch(self, jobs: list[Job]) -> list[Result]:
-        """Answer jobs with equal settings in one generate call (in input order)."""
-        settings = jobs[0].settings
-        assert all(j.settings.key == settings.key for j in jobs), "a batch mixes decoding settings"
-        gens: list[Generation | None] = [None] * len(jobs)
-        if settings.max_tokens > 0:
-            streamer = jobs[0].streamer if len(jobs) == 1 else None
-            gens = generate_ids(
-                self.model, self.tokenizer, self._raw_stops if settings.raw else self.renderer,
-                [j.prompt_ids for j in jobs], settings.generation_config(len(jobs)), streamer=streamer,
-            )  # fmt: skip
-        return [self._result(job, gen) for job, gen in zip(jobs, gens)]
-
-    def _result(self, job: Job, gen: Generation | None) -> Result:
-        if gen is None:  # max_tokens 0: the prompt alone
-            gen = Generation(text="", token_ids=[], finish_reason="length", num_tokens=0)
+    def result(self, job: Job, ids: list[int], stops: StopSet) -> Result:
+        """The reply to a job from its generated ids (the end id last, if it ended on one)."""
+        gen = _finish(self.tokenizer, ids, stops) if ids else Generation(text="", token_ids=[], finish_reason="length")
         ended = gen.stop_id is not None
         result = Result(text=gen.text, finish_reason="length" if gen.finish_reason == "length" else "stop",
                         completion_tokens=gen.num_tokens + ended)

@@ -3,6 +3,10 @@
 The listening socket is bound here, before uvicorn starts, so `--port 0` picks a free port and the
 log line `rtune serve: listening on http://HOST:PORT/v1` names the real one. Loopback by default;
 listening elsewhere without an API key is allowed but warned about.
+
+SIGTERM or Ctrl-C stops generation at once (`stop_generating`: the model threads stop after their
+current step, and waiting and running requests answer 503), so uvicorn's shutdown does not wait on
+replies that could take minutes.
 """
 
 from __future__ import annotations
@@ -62,26 +66,34 @@ def _url(sock: socket.socket) -> str:
 def _uvicorn_server(app):
     import uvicorn
 
+    from rtune.serve.app import stop_generating
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            stop_generating(app)  # the shutdown then waits on no reply
+
     # log_config=None: rtune's logging stays as it is; the access log is rtune.serve's own (no bodies).
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
                             timeout_keep_alive=30)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           template: str | None = None, model_name: str | None = None, dtype: str | None = None,
           max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_queue: int = 64,
-          max_body_bytes: int = 1 << 20, max_tokens: int = 512, icl_file: str | None = None) -> None:
-    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C).
+          max_body_bytes: int = 1 << 20, max_tokens: int = 512, icl_file: str | None = None,
+          max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096) -> None:
+    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C, SIGTERM).
 
     template urial | urial-r | zero-shot serves a plain model in context (demonstrations from icl_file)."""
     from rtune.infer.load import load_for_inference
-    from rtune.serve.app import create_app
+    from rtune.serve.app import Limits, create_app
     from rtune.serve.engine import Engine, default_model_name
 
-    if max_batch_size < 1 or max_queue < 1 or max_tokens < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
-        raise RtuneError("--max-batch-size, --max-queue, --max-tokens and --max-body-bytes must be >= 1, "
-                         "--batch-wait-ms >= 0")
+    if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
+        raise RtuneError("--max-batch-size, --max-queue and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
+    limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, max_stop_chars).check()
     torch_dtype = _dtype(dtype)
     sock = bind_socket(host, port)  # before the (slow) load: a taken port fails at once
     if not _is_loopback(host) and not api_key:
@@ -89,15 +101,19 @@ def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_k
                        "(set --api-key or RTUNE_API_KEY)", host)
     try:
         model, tokenizer, renderer = load_for_inference(model_or_run, template=template, dtype=torch_dtype, icl_file=icl_file)
-        engine = Engine(model, tokenizer, renderer, model_name or default_model_name(model_or_run))
+        engine = Engine(model, tokenizer, renderer, model_name or default_model_name(model_or_run),
+                        spec=str(model_or_run))
+        fingerprint = engine.fingerprint  # before listening: the digests are read once, here
         app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                         max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens)
+                         max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=limits.max_tokens,
+                         max_tokens_limit=limits.max_tokens_limit, max_prompt_tokens=limits.max_prompt_tokens,
+                         max_stop_chars=limits.max_stop_chars)
     except BaseException:
         sock.close()
         raise
-    logger.info("rtune serve: listening on %s/v1 (model %r, context %s tokens, batches of up to %d, queue %d%s)",
-                _url(sock), engine.name, engine.context, max_batch_size, max_queue,
-                ", API key required" if api_key else "")
+    logger.info("rtune serve: listening on %s/v1 (model %r, fingerprint %s, %s, context %s tokens, batches of up "
+                "to %d, queue %d%s)", _url(sock), engine.name, fingerprint, engine.dtype, engine.context,
+                max_batch_size, max_queue, ", API key required" if api_key else "")
     _uvicorn_server(app).run(sockets=[sock])
 
 
@@ -127,6 +143,10 @@ class ServerThread:
 
     def stop(self, timeout: float = 30.0) -> None:
         self.server.should_exit = True
+        if hasattr(self.app, "state") and hasattr(self.app.state, "models"):
+            from rtune.serve.app import stop_generating
+
+            stop_generating(self.app)
         self.thread.join(timeout)
         self.sock.close()
 
