@@ -106,6 +106,7 @@ class ReplyText:
 
     def showable(self, backticks: bool = False) -> int:
         """How much of `text` a stream may show now (nothing past a stop string, see `held_back`)."""
-        if self.stop_at is not None:
-            return len(self.text[: self.stop_at].rstrip())
+        if self.stop_at is not None:  # the reply ends there, without the whitespace (and a fence) before it
+            text = self.text[: self.stop_at]
+            return len(text) - held_back(text, (), backticks) if backticks else len(text.rstrip())
         return len(self.text) - held_back(self.text, self.strings, backticks)
