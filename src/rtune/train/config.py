@@ -34,6 +34,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "paged_adamw_32bit")
 LOSS_IMPLS = ("chunked", "full")
 PACKED_ATTENTION = ("varlen", "mask")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # dashboards (rtune.train.report_to)
 
 
 def _field(default, help: str):
@@ -83,6 +84,8 @@ class TrainConfig:
     save_steps: int = _field(200, "checkpoint every N optimiser steps; 0 = no checkpoints (final weights only)")
     save_total_limit: int = _field(2, "checkpoints kept (oldest deleted first)")
     merge: bool = _field(False, "also write merged standalone weights (LoRA only) to <run>/merged at the end")
+    report_to: str = _field("none", "dashboards fed what log.jsonl logs, plus the config, written offline into the "
+                                    "run folder: none, or a comma-separated subset of " + ", ".join(REPORT_TO))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,8 +122,10 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# Fields that only change bookkeeping, not the trained weights; a resumed run may change them.
-BOOKKEEPING_FIELDS = ("log_steps", "save_steps", "save_total_limit", "merge")
+# Fields that only change bookkeeping (logs, checkpoints, dashboards, extra copies), never the trained
+# weights: a resumed run may change them (config_differences ignores them), and an experiment grid
+# must leave them out of its cell keys.
+BOOKKEEPING_FIELDS = ("log_steps", "save_steps", "save_total_limit", "merge", "report_to")
 
 
 def _choice(choices: tuple):
@@ -191,6 +196,8 @@ class FieldInfo:
             return "|".join(CHOICES[self.name])
         if self.name == "lora_target":
             return "MODULES"
+        if self.name == "report_to":
+            return "none|" + ",".join(REPORT_TO)
         if "float" in self.type_text:
             return "X"
         return "N" if self.type_text.startswith("int") else "VALUE"
@@ -254,9 +261,25 @@ def _coerce(name: str, value, type_text: str):
         if isinstance(value, list) and value and all(isinstance(s, str) and s for s in value):
             return list(value)
         raise ValueError(f"expected 'all-linear' or a list of module names, got {value!r}")
+    if name == "report_to":
+        return _report_to(value)
     if isinstance(value, str):
         return value
     raise ValueError(f"expected a string, got {value!r}")
+
+
+def _report_to(value) -> str:
+    """"none" or known dashboard names joined by commas (a YAML list is accepted too), each once."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected none or a comma-separated list of {', '.join(REPORT_TO)}, got {value!r}")
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ValueError(f"unknown dashboard {unknown[0]!r}; known: {', '.join(REPORT_TO)} (or none)")
+    return ",".join(names) or "none"
 
 
 def apply_values(config: TrainConfig, values: dict, source: str) -> TrainConfig:
