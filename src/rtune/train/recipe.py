@@ -6,7 +6,7 @@ One readable loop on top of `accelerate.Accelerator`, in stages that read top to
     prepare_data   records -> rendered sequences, step counts, the run file's header
     setup_model    base model + adapters + optimiser, wrapped by accelerate; the run folder header
     resume_state   weights, optimiser, RNG and position from the newest checkpoint
-    fit            the optimiser steps (`train_step` is one), logs and checkpoints
+    fit            the optimiser steps (`train_step` is one), logs (and --report-to dashboards), checkpoints
     finish         the final weights, the completed run file, an optional merge
 
 `python -m rtune train ...` trains on one device, `accelerate launch -m rtune train ...` trains
@@ -52,6 +52,7 @@ import torch
 from rtune import run_folder
 from rtune.errors import RtuneError
 from rtune.io import atomic_dir, remove_tree, sha256_file
+from rtune.train import report_to
 from rtune.train.batching import collate_packed, collate_padded, my_micro_batches, plan_steps, trained_tokens
 from rtune.train.checkpoint import (
     begin_checkpoint,
@@ -126,6 +127,7 @@ class Progress:
     tokens_seen: int = 0  # trained tokens seen
     last_loss: float | None = None
     seconds: float = 0.0  # time spent in fit() by this process (this attempt)
+    logged_step: int = 0  # log.jsonl's last step when this attempt began (past `step` after an interruption)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ def start(out_dir: str | os.PathLike, config: TrainConfig, resume: bool) -> tupl
     sharded = check_distributed(accelerator, config)
     config.precision = resolve_precision(config.precision, accelerator.device)
     check_hardware(config, accelerator.device)
+    report_to.check_installed(config)  # before anything is loaded or written
     if config.peft == "none" and config.merge:
         config.merge = False  # full fine-tuning already writes a standalone model/
     job = Job(accelerator, config, run_dir, accelerator.num_processes, accelerator.process_index,
@@ -388,6 +391,7 @@ def resume_state(job: Job, trainee: Trainee, info: dict, data: Data) -> Progress
 def log_start(job: Job, data: Data, model_spec: str, info: dict, state: Progress) -> None:
     if not job.main:
         return
+    state.logged_step = max([r.get("step", 0) for r in report_to.read_log(job.run_dir)] + [state.step])
     run_folder.trim_log(job.run_dir, state.step)
     config, training = job.config, info["training"]
     log.info(
@@ -404,12 +408,15 @@ def fit(job: Job, data: Data, trainee: Trainee, state: Progress, progress: bool,
     from tqdm.auto import tqdm
 
     config = job.config
+    # --report-to: each row written to log.jsonl goes to these dashboards too (opened before the clock starts).
+    dashboards = report_to.Dashboards(job.run_dir, config, state.step, state.logged_step) if job.main else None
     bar = tqdm(total=data.total_steps, initial=state.step, disable=not (progress and job.main), unit="step",
                dynamic_ncols=True)
     log_file = open(job.run_dir / run_folder.LOG_FILE, "a", encoding="utf-8") if job.main else None
     start_time = time.time()
     window_tokens, window_start = 0, time.time()
     trainee.loss_model.train()
+    ok = False
     try:
         for epoch in range(state.step // data.steps_per_epoch, math.ceil(config.epochs)):
             steps = plan_steps(data.lengths, config, epoch, job.world_size)
@@ -440,6 +447,7 @@ def fit(job: Job, data: Data, trainee: Trainee, state: Progress, progress: bool,
                     if log_file:
                         log_file.write(json.dumps(row) + "\n")
                         log_file.flush()
+                        dashboards.log(row)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 bar.update(1)
                 if config.save_steps and state.step % config.save_steps == 0 and state.step < data.total_steps:
@@ -450,11 +458,14 @@ def fit(job: Job, data: Data, trainee: Trainee, state: Progress, progress: bool,
                     callback(row)
             if state.step >= data.total_steps:
                 break
+        ok = True
     finally:
         state.seconds = time.time() - start_time
         bar.close()
         if log_file:
             log_file.close()
+        if dashboards:
+            dashboards.close(ok)
 
 
 def train_step(job: Job, data: Data, trainee: Trainee, step: list[list[int]], step_tokens: int,
