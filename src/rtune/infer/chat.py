@@ -152,7 +152,11 @@ def chat(
     """Load a model, run folder or merged folder and chat with it in the terminal.
 
     A plain model can be prompted in context (template urial, urial-r or zero-shot, demonstrations
-    from icl_file): earlier exchanges become further query/answer pairs."""
+    from icl_file): earlier exchanges become further query/answer pairs. With config.rules, the
+    rule-based adapter applies to every reply (plain models only)."""
+    from rtune.infer.rules import check_untrained
+
+    check_untrained(model_or_run, config.rules if config else None)  # before the weights load
     model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
     return chat_loop(
         model, tokenizer, renderer, config=config, input_fn=input_fn, output=output or sys.stdout, stream=stream

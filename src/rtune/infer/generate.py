@@ -16,6 +16,9 @@ only on the generated tokens: HF's stock `stop_strings` also matches a stop stri
 prompt (with a prompt ending in a newline, a blank-line stop fires after one generated newline). The
 text is then cut at the earliest stop string, with the whitespace before it, and the renderer's
 reply cleanup applies (the in-context formats strip a trailing code fence: `Renderer.reply_cleanup`).
+
+`GenerationConfig.rules` adds the rule-based adapter of Hewitt et al. 2024 (rtune.infer.rules) as a
+logits processor, one per batch (the diversity rule needs each row's prompt).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +36,9 @@ from rtune.data import read_prompts
 from rtune.errors import RtuneError
 from rtune.infer.load import load_for_inference
 from rtune.io import write_jsonl_atomic
+
+if TYPE_CHECKING:
+    from rtune.infer.rules import RulesConfig
 
 
 @dataclass
@@ -45,6 +52,8 @@ class GenerationConfig:
     batch_size: int = 8
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # extra stop strings; the renderer's own always apply
+    # The rule-based adapter of Hewitt et al. 2024 (rtune.infer.rules.RulesConfig); None: off.
+    rules: "RulesConfig | None" = None
 
     def check(self) -> "GenerationConfig":
         if self.max_new_tokens < 1:
@@ -62,6 +71,8 @@ class GenerationConfig:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RtuneError(f"stop strings must be non-empty text, got {s!r}")
+        if self.rules is not None:
+            self.rules.check()
         return self
 
 
@@ -273,6 +284,11 @@ def generate_ids(
 
     stops = _Stops(tokenizer, renderer, config)
     gen_config, pad_id = _hf_generation_config(tokenizer, stops, config)
+    rules = None
+    if config.rules is not None:
+        from rtune.infer.rules import RuleModel
+
+        rules = RuleModel(tokenizer, renderer, config.rules)
     device = _model_device(model)
     # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -289,10 +305,16 @@ def generate_ids(
             for start in range(0, len(order), config.batch_size):
                 idx = order[start : start + config.batch_size]
                 input_ids, attention_mask = _left_pad([prompts[i] for i in idx], pad_id, device)
+                processors = None
+                if rules is not None:
+                    from transformers import LogitsProcessorList
+
+                    processors = LogitsProcessorList([rules.processor([prompts[i] for i in idx], input_ids.shape[1])])
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=gen_config,
+                    logits_processor=processors,
                     stopping_criteria=stops.criteria(input_ids.shape[1]),
                     streamer=streamer,
                 )
@@ -318,12 +340,17 @@ def generate_file(
     """Answer every prompt in a file and write JSONL {"id", "instruction", "output", "finished",
     "finish_reason", "num_tokens", "generator"} in input order, atomically. Returns a summary."""
     config = (config or GenerationConfig()).check()
+    from rtune.infer.rules import check_untrained
+
+    check_untrained(model_or_run, config.rules)
     # Read the prompts before loading the model: a bad file fails in a second, not after a load.
     prompts = read_prompts(prompts_path)
     model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
     generator = method_label or Path(str(model_or_run).rstrip("/")).name
     if not method_label and not getattr(renderer, "trainable", True):
         generator += f"+{renderer.template_name}"  # e.g. gemma-3-270m+urial-r: the base in context
+    if not method_label and config.rules is not None:
+        generator += f"+{config.rules.label}"  # e.g. gemma-3-270m+urial-r+rules
 
     start = time.perf_counter()
     rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator, progress=True)
