@@ -12,6 +12,8 @@ from rtune.errors import RtuneError
 
 EXAMPLES = {
     "data prepare": "rtune data prepare --source alpaca-demo --out data/train.jsonl --limit 200 --holdout 12",
+    "data mix-refusals": "rtune data mix-refusals data/train.jsonl --refusals builtin --n 100 --seed 0 "
+                         "--out data/train+refusals100.jsonl",
     "data inspect": "rtune data inspect data/train.jsonl --model gemma-3-270m --method rt --index 0",
     "train": "rtune train --model gemma-3-270m --data data/train.jsonl --method rt --out runs/rt --config cpu",
     "merge": "rtune merge runs/rt --out models/rt-merged",
@@ -52,6 +54,17 @@ def cmd_data_prepare(a) -> None:
     summary = prepare(a.source, a.out, limit=a.limit, seed=a.seed, holdout=a.holdout, strict=a.strict,
                       max_response_chars=a.max_response_chars, **fields)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+def cmd_data_mix_refusals(a) -> None:
+    from rtune.data.refusals import mix_refusals_file
+
+    s = mix_refusals_file(a.data, a.out, a.refusals, a.n, seed=a.seed, filter=a.filter, method=a.method)
+    if s["sampled"]:
+        print(f"{s['refusals']}: {s['kept']} refusals, {s['after_filter']} after --filter {s['filter']}, "
+              f"{s['sampled']} sampled (seed {s['seed']}) and appended to {s['training']} training records",
+              file=sys.stderr)
+    print(json.dumps(s, indent=2, ensure_ascii=False))
 
 
 def cmd_data_inspect(a) -> None:
@@ -286,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-field", default=None)
     p.add_argument("--id-field", default=None)
     p.set_defaults(func=cmd_data_prepare)
+
+    p = _parser(data_sub, "data mix-refusals", "append N refusal examples to prepared training records",
+                "Sample N refusals (seeded) and append them to DATA, written to --out. SRC: safety-tuned-llamas "
+                "(the paper's, downloaded from GitHub), builtin (rtune's own, offline), or a .jsonl/.json/.csv "
+                "file with a response field (and an instruction field for --method it). Each record keeps its "
+                "origin in 'source'.")
+    p.add_argument("data", metavar="DATA", help="rtune JSONL from `rtune data prepare`")
+    p.add_argument("--refusals", required=True, metavar="SRC")
+    p.add_argument("--n", type=int, required=True, help="refusals to append (the paper: 100, 200, 500)")
+    p.add_argument("--seed", type=int, default=0, help="the sample's seed (the paper: 0)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--filter", choices=["paper", "none"], default=None,
+                   help="paper: keep refusals whose response has the word 'ai' or 'sorry' (default for "
+                        "safety-tuned-llamas and builtin); none: keep all (default for a file)")
+    p.add_argument("--method", choices=["rt", "it", "rt-empty-user"], default="rt",
+                   help="the method the mix is for: it needs an instruction with every refusal (default rt)")
+    p.set_defaults(func=cmd_data_mix_refusals)
 
     p = _parser(data_sub, "data inspect", "show a rendered record with its trained tokens highlighted")
     p.add_argument("file")
