@@ -49,7 +49,7 @@ def write_jsonl(path, rows):
 
 def test_names():
     assert benchmark_names() == ["alpacaeval", "justeval", "advbench", "harmbench", "strongreject",
-                                 "malicious-instruct", "xstest"]
+                                 "malicious-instruct", "xstest", "rtune-xs-safe"]
 
 
 @pytest.mark.parametrize("module", OFFLINE, ids=lambda m: m.__name__.rsplit(".", 1)[-1])

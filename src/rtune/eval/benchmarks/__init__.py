@@ -19,7 +19,7 @@ from rtune.errors import RtuneError
 # Importing a module registers its benchmark; this order is the order of benchmark_names() and --help.
 # isort: off
 from rtune.eval.benchmarks import alpacaeval, justeval, advbench, harmbench, strongreject  # noqa: F401
-from rtune.eval.benchmarks import malicious_instruct, xstest  # noqa: F401
+from rtune.eval.benchmarks import malicious_instruct, xstest, rtune_xs_safe  # noqa: F401
 # isort: on
 from rtune.eval.benchmarks.base import BENCHMARKS, Benchmark, Item, LoadedBenchmark, subsample
 from rtune.eval.benchmarks.local import load_file
