@@ -157,6 +157,44 @@ def _plain_format(a) -> tuple[str | None, str | None]:
     return icl or a.template, icl_file
 
 
+def _add_rules_flags(p) -> None:
+    group = p.add_argument_group("rule-based adapter (Hewitt et al. 2024; plain, untrained models only)")
+    group.add_argument("--rules", default=None, metavar="eos,uniform,diversity",
+                       help="add hand-written rules to the base model's log-probabilities: eos (the end token's bias "
+                            "grows over the reply), uniform (fixed scores on a few chatty and structure tokens), "
+                            "diversity (a penalty on tokens already in the instruction or the reply)")
+    group.add_argument("--rules-eos-max", type=float, default=None, help="the end token's final bias (default 15)")
+    group.add_argument("--rules-eos-tokens", type=int, default=None,
+                       help="reply tokens over which it grows to that, then stays (default 250)")
+    group.add_argument("--rules-uniform-scale", type=float, default=None, help="multiplies the uniform scores (default 1)")
+    group.add_argument("--rules-diversity", type=float, default=None, help="the diversity penalty (default 1.5)")
+    group.add_argument("--rules-show", action="store_true", help="print the rules and the token ids they found (stderr)")
+
+
+def _rules_config(a):
+    """RulesConfig from --rules and its strengths; None without --rules."""
+    strengths = {"eos_max": a.rules_eos_max, "eos_tokens": a.rules_eos_tokens,
+                 "uniform_scale": a.rules_uniform_scale, "diversity_penalty": a.rules_diversity}
+    if not a.rules:
+        if any(v is not None for v in strengths.values()) or a.rules_show:
+            raise RtuneError("the --rules-* options go with --rules eos,uniform,diversity (or a subset)")
+        return None
+    from rtune.infer.rules import RulesConfig
+
+    return RulesConfig.parse(a.rules, **strengths)
+
+
+def _show_rules(specs, template, icl_file, rules) -> None:
+    """--rules-show: each model's token sets, from its tokenizer alone (before any weights load)."""
+    from rtune.infer.load import load_renderer
+    from rtune.infer.rules import RuleModel, check_untrained
+
+    for spec in specs:
+        check_untrained(spec, rules)
+        renderer = load_renderer(spec, template, icl_file=icl_file)
+        print(f"{spec}: {RuleModel(renderer.tokenizer, renderer, rules).describe()}", file=sys.stderr)
+
+
 def _add_generation_flags(p) -> None:
     p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
     _add_icl_flags(p)
@@ -172,6 +210,7 @@ def _add_generation_flags(p) -> None:
         help="also end a reply at this text, which is cut off (repeatable; taken literally: in bash, $'\\n\\n' "
         "is a blank line); the template's next-turn headers (tulu: <|user|>, <|assistant|>) always stop it",
     )  # fmt: skip
+    _add_rules_flags(p)
 
 
 def _generation_config(a):
@@ -189,6 +228,7 @@ def _generation_config(a):
     config = GenerationConfig(**{k: v for k, v in values.items() if v is not None})
     config.do_sample = a.sample
     config.stop = list(a.stop or [])
+    config.rules = _rules_config(a)
     return config
 
 
@@ -196,7 +236,10 @@ def cmd_generate(a) -> None:
     from rtune.infer.generate import generate_file
 
     template, icl_file = _plain_format(a)
-    summary = generate_file(a.model, a.prompts, a.out, _generation_config(a), template=template,
+    config = _generation_config(a)
+    if a.rules_show:
+        _show_rules([a.model], template, icl_file, config.rules)
+    summary = generate_file(a.model, a.prompts, a.out, config, template=template,
                             **({"icl_file": icl_file} if icl_file else {}))
     print(json.dumps(summary, indent=2))
 
@@ -205,12 +248,18 @@ def cmd_chat(a) -> None:
     from rtune.infer.chat import chat
 
     template, icl_file = _plain_format(a)
-    chat(a.model, template=template, config=_generation_config(a), **({"icl_file": icl_file} if icl_file else {}))
+    config = _generation_config(a)
+    if a.rules_show:
+        _show_rules([a.model], template, icl_file, config.rules)
+    chat(a.model, template=template, config=config, **({"icl_file": icl_file} if icl_file else {}))
 
 
 def cmd_serve(a) -> None:
     from rtune.serve.server import api_key_from_env, serve
 
+    if a.rules:
+        raise RtuneError("--rules is not available on serve yet (its engine has no per-request logits processor); "
+                         "use rtune generate, chat or eval with --rules")
     template, icl_file = _plain_format(a)
     serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=template,
           **({"icl_file": icl_file} if icl_file else {}), model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
@@ -229,12 +278,16 @@ def cmd_eval(a) -> None:
 
     decoding = EvalDecoding(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype,
                             stop=list(a.stop or []), backend=a.backend)
+    decoding.rules = _rules_config(a)
     template, icl_file = _plain_format(a)
+    if a.rules_show:
+        _show_rules(a.models, template, icl_file, decoding.rules)
     config = EvalConfig(benches=[b for b in a.bench.split(",") if b], limit=a.limit, seed=a.seed, decoding=decoding,
                         template=template, icl_file=icl_file, ranking_k=a.ranking_k, shift=not a.no_shift,
                         relevance=not a.no_relevance)
     config.lm_eval_tasks = [t for t in (a.lm_eval_tasks or "").split(",") if t]
     config.lm_eval_include = list(a.lm_eval_include or [])
+    config.lm_eval_dtype = a.lm_eval_dtype
     if not config.benches and not config.lm_eval_tasks:
         raise RtuneError("nothing to evaluate: give --bench NAME[,NAME] and/or --lm-eval-tasks TASK[,TASK]")
     if a.judge_url or a.judge_model:
@@ -368,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: the RTUNE_API_KEY environment variable)")
     p.add_argument("--template", default=None, help="for a plain model: tulu (default) or model; run folders use their own")
     _add_icl_flags(p)
+    p.add_argument("--rules", default=None, help="not available on serve yet (generate, chat and eval have it)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else fp32) | fp32 | bf16 | fp16")
     p.add_argument("--max-tokens", type=int, default=512, help="a chat reply's length when a request sets none")
@@ -400,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline examples: rtune_demo_mc, rtune_demo_gen")
     p.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
                    help="a folder of local lm-eval task YAMLs (repeatable)")
+    p.add_argument("--lm-eval-dtype", default="checkpoint",
+                   choices=("checkpoint", "auto", "fp32", "bf16", "fp16"),
+                   help="dtype of the lm-eval tasks; default: the checkpoint's own, as lm_eval's CLI loads it "
+                        "(auto: rtune's bf16-where-native, as --dtype)")
     p.add_argument("--out", required=True, metavar="EVAL_DIR")
     p.add_argument("--names", default=None, help="labels for the models, comma-separated (default: folder names)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N items per benchmark")
@@ -411,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hf", help="hf (default) | vllm (CUDA, vLLM installed beside rtune; untested, see README)")
     p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
     _add_icl_flags(p)  # the labels say the format: gemma-3-270m+urial-r
+    _add_rules_flags(p)  # ... and the rules: gemma-3-270m+urial-r+rules
     p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")
     p.add_argument("--no-shift", action="store_true", help="skip the distribution shift against the untuned base")
     p.add_argument("--no-relevance", action="store_true", help="skip MiniLM relevance")

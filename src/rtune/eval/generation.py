@@ -50,12 +50,15 @@ class EvalDecoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    rules: "RulesConfig | None" = None  # the rule-based adapter (rtune.infer.rules), hf only; None: off
 
     def check(self) -> "EvalDecoding":
         if self.dtype not in DTYPES:
             raise RtuneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise RtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.rules is not None and self.backend != "hf":
+            raise RtuneError("--rules needs --backend hf (the rules are a transformers logits processor)")
         self.generation_config().check()
         return self
 
@@ -64,6 +67,8 @@ class EvalDecoding:
         in bf16 a batch's shapes can change a greedy answer (in fp32 they do not: tested)."""
         d = asdict(self)
         d["dtype"] = resolve_dtype(self.dtype, device_type)
+        if self.rules is None:
+            del d["rules"]  # without rules, the keys of caches written before rules existed
         return d
 
     def key(self, device_type: str) -> str:
@@ -72,7 +77,7 @@ class EvalDecoding:
     def generation_config(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, stop=list(self.stop),
                                 do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed)
+                                seed=self.seed, rules=self.rules)
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:

@@ -97,6 +97,12 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     from rtune.render import ICL_TEMPLATES
 
     config.decoding.check()
+    rules = config.decoding.rules
+    if rules is not None:
+        from rtune.infer.rules import check_untrained
+
+        for spec in models:  # the rule-based baseline is for untrained models
+            check_untrained(spec, rules)
     labels = labels or [default_label(m) for m in models]
     if len(labels) != len(models):
         raise RtuneError(f"{len(models)} models but {len(labels)} names")
@@ -104,6 +110,8 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     if len(templates) != len(models):
         raise RtuneError(f"{len(models)} models but {len(templates)} templates")
     labels = [f"{x}+{t}" if t in ICL_TEMPLATES and not x.endswith(f"+{t}") else x for x, t in zip(labels, templates)]
+    if rules is not None:  # base+rules, base+urial-r+rules
+        labels = [x if x.endswith(f"+{rules.label}") else f"{x}+{rules.label}" for x in labels]
     if len({safe_name(x) for x in labels}) != len(labels):
         raise RtuneError(f"model names must differ: {labels} (name them with --names)")
     if config.judge is not None:
