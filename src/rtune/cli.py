@@ -263,7 +263,8 @@ def cmd_serve(a) -> None:
     template, icl_file = _plain_format(a)
     serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=template,
           **({"icl_file": icl_file} if icl_file else {}), model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
-          max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens)
+          max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens,
+          max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens, max_stop_chars=a.max_stop_chars)
 
 
 def cmd_model_fetch(a) -> None:
@@ -411,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "serve", "an OpenAI-compatible server (chat, completions, logprobs, streaming; batched)",
                 "Serve /v1/models, /v1/chat/completions (rendered with the model's own template) and "
-                "/v1/completions on HOST:PORT until Ctrl-C. Requests that arrive together are generated in "
-                "one batch; a full queue answers 429. Loopback only by default.")
+                "/v1/completions on HOST:PORT until Ctrl-C or SIGTERM. Requests share one running batch "
+                "(continuous batching: they join and leave it between steps); a full queue answers 429, a "
+                "request over the limits 400. Loopback only by default.")
     p.add_argument("model", metavar="MODEL_OR_RUN")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (logged)")
@@ -424,9 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else fp32) | fp32 | bf16 | fp16")
     p.add_argument("--max-tokens", type=int, default=512, help="a chat reply's length when a request sets none")
-    p.add_argument("--max-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the longest reply any request may ask for (max_tokens; default 4096)")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longer prompts get 400 (default 8192)")
+    p.add_argument("--max-stop-chars", type=int, default=4096,
+                   help="a request's stop strings together, in characters (default 4096)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows of the running batch (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long an idle server waits for more requests to batch (default 10)")
+                   help="how long an idle server waits for more requests to start with (default 10)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 400 (default 1 MiB)")
     p.set_defaults(func=cmd_serve)

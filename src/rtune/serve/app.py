@@ -414,10 +414,11 @@ async def _results(request: Request, served: Served, jobs: list[Job]) -> list[Re
         await asyncio.wait({gathered, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not gathered.done():  # the client left, or this handler was cancelled
+        left = not gathered.done()
+        if left:  # the client left, or this handler was cancelled
             served.scheduler.cancel(jobs)
             gathered.cancel()
-    if gathered.cancelled():
+    if left:
         return None
     try:
         return gathered.result()
@@ -541,8 +542,8 @@ async def chat_completions(request: Request):
 
         def final(result: Result):
             yield {**head, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": {}, "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
-                                "finish_reason": result.finish_reason}]}
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": result.finish_reason,
+                                "logprobs": chat_logprobs(result.logprobs) if logprobs else None}]}
             if req.stream_options and req.stream_options.include_usage:
                 yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)}
 
@@ -558,8 +559,9 @@ async def chat_completions(request: Request):
                                       "finish_reason": result.finish_reason}]})
 
 
-async def _completion_prompts(request: Request, engine: Engine, req: CompletionRequest) -> list[tuple[str, list[int]]]:
-    """(text shown by echo, ids) for each prompt of a /v1/completions request."""
+async def _completion_prompts(request: Request, engine: Engine, req: CompletionRequest
+                             ) -> list[tuple[str, list[int], str]]:
+    """(text shown by echo, ids, its name in errors) for each prompt of a /v1/completions request."""
     p = req.prompt
     batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if not batch:
@@ -581,7 +583,7 @@ async def _completion_prompts(request: Request, engine: Engine, req: CompletionR
             text = await _render(request, engine.decode, ids, param=param) if req.echo else ""
         if not ids:
             raise ApiError(400, f"'{param}' is empty (no tokens)", param, "invalid_value")
-        prompts.append((text, ids))
+        prompts.append((text, ids, param))
     return prompts
 
 
@@ -599,9 +601,11 @@ async def completions(request: Request):
     if req.stream and ((many and len(req.prompt) > 1) or req.echo or req.logprobs is not None):
         raise ApiError(400, "stream works with one prompt, without echo and logprobs", "stream", "unsupported")
     prompts = await _completion_prompts(request, engine, req)
-    jobs = [Job(ids, _settings(request, engine, req, _reply_length(request, engine, len(ids), req.max_tokens, 16,
-                                                                    "prompt"), raw=True),
-                logprobs=req.logprobs, echo=bool(req.echo)) for _, ids in prompts]
+    jobs = []
+    for _, ids, param in prompts:
+        max_new = _reply_length(request, engine, len(ids), req.max_tokens, 16, param)
+        jobs.append(Job(ids, _settings(request, engine, req, max_new, raw=True), logprobs=req.logprobs,
+                        echo=bool(req.echo)))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
             "object": "text_completion", "system_fingerprint": engine.fingerprint}
 
@@ -612,7 +616,8 @@ async def completions(request: Request):
             return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
 
         def final(result: Result):
-            yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": result.finish_reason}]}
+            yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                        "finish_reason": result.finish_reason}]}
             if req.stream_options and req.stream_options.include_usage:
                 yield {**head, "choices": [], "usage": _usage(len(prompts[0][1]), result.completion_tokens)}
 
@@ -623,6 +628,6 @@ async def completions(request: Request):
         return _GONE
     choices = [{"index": i, "text": (text if req.echo else "") + result.text, "finish_reason": result.finish_reason,
                 "logprobs": completion_logprobs(result.logprobs) if result.logprobs is not None else None}
-               for i, ((text, _), result) in enumerate(zip(prompts, done))]
-    return JSONResponse({**head, "choices": choices, "usage": _usage(sum(len(ids) for _, ids in prompts),
+               for i, ((text, _, _), result) in enumerate(zip(prompts, done))]
+    return JSONResponse({**head, "choices": choices, "usage": _usage(sum(len(ids) for _, ids, _ in prompts),
                                                                      sum(r.completion_tokens for r in done))})

@@ -111,6 +111,7 @@ def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_k
     except BaseException:
         sock.close()
         raise
+    sock.listen(2048)  # connections from now on wait for uvicorn instead of being refused
     logger.info("rtune serve: listening on %s/v1 (model %r, fingerprint %s, %s, context %s tokens, batches of up "
                 "to %d, queue %d%s)", _url(sock), engine.name, fingerprint, engine.dtype, engine.context,
                 max_batch_size, max_queue, ", API key required" if api_key else "")
