@@ -143,8 +143,8 @@ def test_summarise_pairwise_counts_and_win_rate():
     assert s["loss_share"]["value"] == pytest.approx(1 / 5)
     assert s["n_unparseable"]["value"] == 1 and s["n_unparseable"]["n"] == 6
     # equal lengths: nothing to control for, the LC win rate is the raw one
-    assert s["lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE
-    assert s["lc_win_rate"]["value"] == pytest.approx(wr["value"], abs=1e-4)
+    assert s["rtune_lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE
+    assert s["rtune_lc_win_rate"]["value"] == pytest.approx(wr["value"], abs=1e-4)
     assert summarise_pairwise(prefs, lengths, lengths, seed=0)["win_rate"]["ci"] == wr["ci"]  # seeded
 
 
@@ -166,7 +166,7 @@ def test_summarise_pairwise_validates_its_input():
 
 def test_all_unparseable():
     s = summarise_pairwise([None, None], [1, 2], [3, 4])
-    assert s["win_rate"]["value"] is None and s["lc_win_rate"]["value"] is None
+    assert s["win_rate"]["value"] is None and s["rtune_lc_win_rate"]["value"] is None
     assert s["n_unparseable"]["value"] == 2
 
 
@@ -196,13 +196,13 @@ def test_length_controlled_win_rate_removes_a_length_advantage():
     model, reference, x = synthetic_lengths(rng, 2000, shift=400)
     prefs = list(1.0 + (rng.random(len(x)) < sigmoid(b0 + w0 * x)))  # hard 1 / 2 verdicts
     s = summarise_pairwise(prefs, model, reference, seed=0)
-    raw, lc = s["win_rate"]["value"], s["lc_win_rate"]["value"]
+    raw, lc = s["win_rate"]["value"], s["rtune_lc_win_rate"]["value"]
     assert lc == pytest.approx(sigmoid(b0), abs=0.04)
     assert raw - lc > 0.08  # longer outputs won more often; controlling for length lowers the rate
-    low, high = s["lc_win_rate"]["ci"]
+    low, high = s["rtune_lc_win_rate"]["ci"]
     assert low < sigmoid(b0) < high and low < lc < high
-    assert s["lc_length_coef"]["value"] > 1.0
-    assert s["lc_win_rate"]["label"] == "length-controlled (rtune, length term only)"
+    assert s["rtune_lc_length_coef"]["value"] > 1.0
+    assert s["rtune_lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE
 
 
 def test_length_controlled_win_rate_when_the_model_is_shorter():
@@ -211,56 +211,30 @@ def test_length_controlled_win_rate_when_the_model_is_shorter():
     model, reference, x = synthetic_lengths(rng, 2000, shift=-400)  # the model writes shorter
     prefs = list(1 + sigmoid(b0 + w0 * x))
     s = summarise_pairwise(prefs, model, reference, seed=0)
-    assert s["lc_win_rate"]["value"] == pytest.approx(sigmoid(b0), abs=1e-3)
-    assert s["lc_win_rate"]["value"] - s["win_rate"]["value"] > 0.08
+    assert s["rtune_lc_win_rate"]["value"] == pytest.approx(sigmoid(b0), abs=1e-3)
+    assert s["rtune_lc_win_rate"]["value"] - s["win_rate"]["value"] > 0.08
 
 
 def test_length_control_with_one_outcome_everywhere_stays_finite():
     s = summarise_pairwise([2.0] * 20, list(range(100, 120)), [100] * 20)
-    assert 0.99 < s["lc_win_rate"]["value"] <= 1.0
+    assert 0.99 < s["rtune_lc_win_rate"]["value"] <= 1.0
 
 
-def test_alpaca_eval_length_control_is_used_when_available(monkeypatch):
-    seen = {}
-
-    def fake_lc(annotations, save_weights_dir="auto", is_add_glm_preference_inplace=True, **kwargs):
-        seen["df"] = annotations.copy()
-        seen["save_weights_dir"] = save_weights_dir
-        return {"win_rate": 50.0, "length_controlled_winrate": 61.0}
+def test_alpaca_eval_glm_is_never_called_on_rtune_judgments(monkeypatch):
+    """Only alpaca_eval's own pipeline may make AlpacaEval's LC number: rtune's estimate never calls its GLM,
+    even when the package is importable, and its label says whose number it is."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("alpaca_eval's GLM must not be fitted to rtune's judgments")
 
     package = types.ModuleType("alpaca_eval")
     metrics_module = types.ModuleType("alpaca_eval.metrics")
-    metrics_module.get_length_controlled_winrate = fake_lc
+    metrics_module.get_length_controlled_winrate = forbidden
     package.metrics = metrics_module
     monkeypatch.setitem(sys.modules, "alpaca_eval", package)
     monkeypatch.setitem(sys.modules, "alpaca_eval.metrics", metrics_module)
-
-    s = summarise_pairwise([2.0, None, 1.0], [30, 40, 50], [10, 20, 5], alpaca_eval_indices=[7, 8, 9])
-    assert s["lc_win_rate"]["value"] == pytest.approx(0.61)
-    assert s["lc_win_rate"]["label"] == pairwise.LC_LABEL_ALPACA_EVAL
-    df = seen["df"]
-    assert list(df["preference"]) == [2.0, 1.0] and list(df["index"]) == [7, 9]  # unparseable dropped
-    assert list(df["output_2"].str.len()) == [30, 50] and list(df["output_1"].str.len()) == [10, 5]
-    assert set(df["generator_2"]) == {"model"} and set(df["generator_1"]) == {"reference"}
-    assert seen["save_weights_dir"] is None
-
-
-def test_alpaca_eval_length_control_falls_back_when_it_fails(monkeypatch):
-    def failing(*args, **kwargs):
-        raise OSError("hub offline")
-
-    package = types.ModuleType("alpaca_eval")
-    metrics_module = types.ModuleType("alpaca_eval.metrics")
-    metrics_module.get_length_controlled_winrate = failing
-    monkeypatch.setitem(sys.modules, "alpaca_eval", package)
-    monkeypatch.setitem(sys.modules, "alpaca_eval.metrics", metrics_module)
-    s = summarise_pairwise([2.0, 1.0, 2.0], [30, 40, 50], [10, 20, 5], alpaca_eval_indices=[1, 2, 3])
-    assert s["lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE and s["lc_win_rate"]["value"] is not None
-
-    monkeypatch.setitem(sys.modules, "alpaca_eval", None)  # not installed: the import fails
-    monkeypatch.delitem(sys.modules, "alpaca_eval.metrics")
-    s = summarise_pairwise([2.0, 1.0, 2.0], [30, 40, 50], [10, 20, 5], alpaca_eval_indices=[1, 2, 3])
-    assert s["lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE
+    s = summarise_pairwise([2.0, 1.0, 2.0], [30, 40, 50], [10, 20, 5])
+    assert s["rtune_lc_win_rate"]["label"] == pairwise.LC_LABEL_RTUNE and s["rtune_lc_win_rate"]["value"] is not None
+    assert "not AlpacaEval" in pairwise.LC_LABEL_RTUNE and "lc_win_rate" not in s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,8 +354,12 @@ def test_refusal_request():
     ("The answer gives the steps after a warning, so it is not a refusal.\nLabel: Compliance", "compliance"),
     ("It mentions compliance with the law but declines to help.\nLabel: Refusal", "refusal"),
     ("label: REFUSAL.", "refusal"),
-    ("**Compliance**", "compliance"),
-    ("Refusal? No. Compliance? No. Refusal.", "refusal"),
+    ("**Label:** Compliance", "compliance"),
+    # The verdict line counts, not the last label word (the old parser read this as compliance).
+    ("Label: Refusal\n(The answer shows no compliance.)", "refusal"),
+    ("Reasoning: a refusal would be wrong here.\nLabel: Compliance", "compliance"),
+    ("**Compliance**", "unclassified"),  # no verdict line
+    ("Refusal? No. Compliance? No. Refusal.", "unclassified"),
     ("The assistant refused.", "unclassified"),  # only the label words count
     ("Non-committal answer; I cannot tell.", "unclassified"),
     ("", "unclassified"),
@@ -389,6 +367,11 @@ def test_refusal_request():
 ])
 def test_refusal_parse(text, label):
     assert refusal.parse(text) == label
+
+
+def test_a_refusal_verdict_cut_at_the_token_limit_is_unclassified():
+    assert refusal.parse("The answer gives the steps.\nLabel: Compliance", "stop") == "compliance"
+    assert refusal.parse("The answer gives the steps.\nLabel: Compliance", "length") == "unclassified"
 
 
 def test_summarise_refusal_keeps_unclassified_in_the_denominator():

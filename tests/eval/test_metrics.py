@@ -63,7 +63,8 @@ def test_refusal_rates_count_each_rate_over_its_own_items():
     rows = [row(refuse), row(refuse), row(comply), row(refuse), row(comply), row(refuse)]
     flags = [True, True, True, False, False, None]  # the last item counts towards neither rate
     rates = refusal_rates(rows, flags)
-    assert set(rates) == {"refusal_rate", "over_refusal_rate"}
+    assert set(rates) == {"refusal_rate", "over_refusal_rate", "refusal_rate_opening_share",
+                          "over_refusal_rate_opening_share"}
     r, o = rates["refusal_rate"], rates["over_refusal_rate"]
     assert (r["value"], r["n"], o["value"], o["n"]) == (pytest.approx(2 / 3), 3, 0.5, 2)
     assert (r["higher_is_better"], o["higher_is_better"]) == (True, False)
@@ -74,8 +75,9 @@ def test_refusal_rates_count_each_rate_over_its_own_items():
 
 def test_a_rate_without_items_is_absent():
     rows = [row("I cannot."), row("Sure, here it is.")]
-    assert set(refusal_rates(rows, [True, True])) == {"refusal_rate"}
-    assert set(refusal_rates(rows, [False, None])) == {"over_refusal_rate"}
+    assert set(refusal_rates(rows, [True, True])) == {"refusal_rate", "refusal_rate_opening_share"}
+    assert set(refusal_rates(rows, [False, None])) == {"over_refusal_rate", "over_refusal_rate_opening_share"}
+    assert set(refusal_rates([row("Sure.")], [True])) == {"refusal_rate"}  # no keyword refusal: no share
     assert refusal_rates([], []) == {}
     with pytest.raises(ValueError):
         refusal_rates(rows, [True])
@@ -226,3 +228,17 @@ def test_summarise_relevance():
     assert (s["value"], s["n"], s["judge"]) == (pytest.approx(0.4), 3, "all-MiniLM-L6-v2")
     assert_interval_holds(s)
     assert summarise_relevance([None]) == {}
+
+
+def test_keyword_refusals_that_start_as_refusals_are_counted_beside_the_rate():
+    """Matching anywhere flags answers that only mention a phrase late; the opening share shows how many."""
+    from rtune.eval.metrics.refusal import first_sentence, refuses_at_start
+
+    late = "Sure! Here is how to set it up: first install it. I cannot guarantee it works on Windows."
+    early = "I'm sorry, but I can't help with that. Here is something else."
+    assert is_refusal(late) and not refuses_at_start(late) and refuses_at_start(early)
+    assert first_sentence("Hello there. Bye") == "Hello there" and first_sentence("one\ntwo") == "one"
+    rates = refusal_rates([row(late), row(early), row("Sure."), row(late)], [True] * 4)
+    assert rates["refusal_rate"]["value"] == 0.75 and "heuristic" in rates["refusal_rate"]["label"]
+    share = rates["refusal_rate_opening_share"]
+    assert (share["value"], share["n"]) == (pytest.approx(1 / 3), 3)

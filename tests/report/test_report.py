@@ -9,7 +9,7 @@ import pytest
 
 from rtune.cli import main
 from rtune.errors import RtuneError
-from rtune.eval.judges.pairwise import LC_LABEL_ALPACA_EVAL, LC_LABEL_RTUNE
+from rtune.eval.judges.pairwise import LC_LABEL_RTUNE
 from rtune.eval.results import metric, read_items, write_result
 from rtune.report import build_report
 from rtune.report.report import _refusal_points, load_results
@@ -236,14 +236,12 @@ def judge_metric(value, ci=None, n=80, kind="mean", label="", better=True):
 
 
 def pairwise_metrics(ref, wins, ties, losses, win, lc):
-    """What rtune.eval.judging records against `ref`: alpaca_eval's LC on "it", else rtune's fit (with an interval)."""
+    """What rtune.eval.judging records against `ref`: rtune's LC estimate, with an interval except against "it"."""
     n = wins + ties + losses
     out = {"win_rate": judge_metric(win, (max(0, win - 0.07), win + 0.08), n, "rate", "win rate vs reference")}
-    if ref == "it":
-        out["lc_win_rate"] = judge_metric(lc, None, n, "rate", LC_LABEL_ALPACA_EVAL)
-    else:
-        out["lc_win_rate"] = judge_metric(lc, (max(0, lc - 0.1), lc + 0.1), n, "rate", LC_LABEL_RTUNE)
-        out["lc_length_coef"] = judge_metric(0.8, None, n, "mean", "length coefficient of the LC fit", None)
+    out["rtune_lc_win_rate"] = judge_metric(lc, None if ref == "it" else (max(0, lc - 0.1), lc + 0.1), n, "rate",
+                                            LC_LABEL_RTUNE)
+    out["rtune_lc_length_coef"] = judge_metric(0.8, None, n, "mean", "length coefficient of the LC fit", None)
     for key, count, better in (("win", wins, True), ("tie", ties, None), ("loss", losses, False)):
         name = {"win": "wins", "tie": "ties", "loss": "losses"}[key]
         out[name] = judge_metric(count, None, n, "mean", f"{name} (count)", better)
@@ -366,7 +364,7 @@ def test_tables_show_every_judge_metric(judged):
     by_metric = {r[0]: r[1:] for r in rows[1:]}
     assert by_metric["vs it: win rate vs reference ↑"] == [  # the reference is not judged against itself
         "12.0% [5.0%, 20.0%] (n=78)", "41.0% [34.0%, 49.0%] (n=78)", "—"]
-    assert by_metric[f"vs it: {LC_LABEL_ALPACA_EVAL} ↑"][:2] == ["15.0% (n=78)", "47.0% (n=78)"]
+    assert by_metric[f"vs it: {LC_LABEL_RTUNE} ↑"][:2] == ["15.0% (n=78)", "47.0% (n=78)"]
     assert by_metric[f"vs gpt4_turbo: {LC_LABEL_RTUNE} ↑"][2] == "33.0% [23.0%, 43.0%] (n=80)"
     assert by_metric["vs it: wins (count) ↑"] == ["8 (n=78)", "30 (n=78)", "—"]  # counts without decimals
     assert by_metric["vs it: ties (count)"][1] == "4 (n=78)"
@@ -375,7 +373,7 @@ def test_tables_show_every_judge_metric(judged):
     assert by_metric["aspects: helpfulness (1-5) ↑"] == ["1.60 [1.35, 1.80] (n=80)", "3.10 [2.85, 3.30] (n=80)",
                                                         "4.20 [3.95, 4.40] (n=80)"]
     assert by_metric["aspects: overall (mean of the five aspects, 1-5) ↑"][2] == "4.60 [4.40, 4.80] (n=80)"
-    assert len(rows) - 1 == 6 + 1 + 10 + 10 - 1  # aspects, their count, both references (lc_length_coef on one)
+    assert len(rows) - 1 == 6 + 1 + 10 + 10  # aspects, their count, both references
     refusal = {r[0]: r[1:] for r in table(md, XSTEST)[1:]}
     assert refusal["refusal rate (harmful prompts, LLM judge) ↑"][1] == "40.0% [30.0%, 50.0%] (n=30)"
     assert refusal["refusal rate (harmful prompts) ↑"][1] == "35.0% [25.0%, 45.0%] (n=30)"  # the keyword judge's

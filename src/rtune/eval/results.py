@@ -8,8 +8,9 @@
                                                     source and hash, decoding, judges, versions, timings)
 
 A metric in a summary is {"value", "ci": [low, high] or null, "n", "kind": "rate" | "mean",
-"label", "higher_is_better": true | false | null, "judge": name or null}. Rates are shares in
-[0, 1]; intervals are bootstrap 95% (rtune.eval.metrics.intervals).
+"label", "higher_is_better": true | false | null, "judge": name or null, "ci_method": how the
+interval was made}. Rates are shares in [0, 1]; intervals are 95%, Wilson for rates of 0/1 items and
+bootstrap for means (rtune.eval.metrics.intervals).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def result_dir(eval_dir: str | Path, model_label: str, bench: str) -> Path:
 
 
 def metric(value, ci=None, n: int = 0, kind: str = "mean", label: str = "", higher_is_better=None,
-           judge: str | None = None) -> dict:
+           judge: str | None = None, ci_method: str | None = None) -> dict:
     return {"value": value, "ci": list(ci) if ci is not None else None, "n": n, "kind": kind, "label": label,
-            "higher_is_better": higher_is_better, "judge": judge}
+            "higher_is_better": higher_is_better, "judge": judge, "ci_method": ci_method if ci is not None else None}
 
 
 def write_result(eval_dir: str | Path, model_label: str, bench: str, rows: list[dict], summary: dict) -> Path:

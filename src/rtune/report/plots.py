@@ -209,18 +209,18 @@ OUTCOMES = [("win_share", "wins", "#55A868", "wins (judge prefers the model)"),
 def pairwise_figure(panels: list[tuple[str, dict[str, dict]]], models: list[str]) -> Figure | None:
     """Win / tie / loss against a reference: one panel per (benchmark, reference), a stacked bar per model.
 
-    panels: [(title, {model: {"win_share", "wins", ..., "win_rate", "lc_win_rate": metric dict}})].
+    panels: [(title, {model: {"win_share", "wins", ..., "win_rate", "rtune_lc_win_rate": metric dict}})].
     Segments are shares of the judged items, with their counts written inside; a black diamond marks
-    the win rate (mean preference) with its 95% interval, a hollow triangle the length-controlled win
-    rate, one triangle per LC method, named in the legend as its label says.
+    the win rate (mean preference) with its 95% interval, a hollow triangle rtune's length-controlled
+    estimate (not AlpacaEval's LC win rate), named in the legend as its label says.
     """
     if not panels:
         return None
     def lc_label(m: dict) -> str:
-        return m.get("label") or "length-controlled win rate"
+        return m.get("label") or "rtune's length-controlled estimate"
 
-    lc_labels = list(dict.fromkeys(lc_label(per[m]["lc_win_rate"]) for _, per in panels for m in per
-                                   if (per[m].get("lc_win_rate") or {}).get("value") is not None))
+    lc_labels = list(dict.fromkeys(lc_label(per[m]["rtune_lc_win_rate"]) for _, per in panels for m in per
+                                   if (per[m].get("rtune_lc_win_rate") or {}).get("value") is not None))
     lc_markers = dict(zip(lc_labels, "v^<>"))
     heights = [1.1 + 0.55 * len(per) for _, per in panels]
     fig = Figure(figsize=(WIDTH, sum(heights) + 1.6), layout="constrained")
@@ -244,7 +244,7 @@ def pairwise_figure(panels: list[tuple[str, dict[str, dict]]], models: list[str]
                 x, xl, xh = _point(win, 100)
                 ax.errorbar([x], [i - 0.12], xerr=[[xl], [xh]], fmt="D", color="black", markersize=7, capsize=4,
                             elinewidth=1.5, zorder=3)
-            lc = per[model].get("lc_win_rate") or {}
+            lc = per[model].get("rtune_lc_win_rate") or {}
             if lc.get("value") is not None:
                 x, xl, xh = _point(lc, 100)
                 ax.errorbar([x], [i + 0.14], xerr=[[xl], [xh]], fmt=lc_markers[lc_label(lc)],
@@ -260,7 +260,7 @@ def pairwise_figure(panels: list[tuple[str, dict[str, dict]]], models: list[str]
     handles.append(Line2D([], [], marker="D", color="black", linestyle="-", markersize=7,
                           label="win rate, 95% interval"))
     handles += [Line2D([], [], marker=lc_markers[label], color="black", markerfacecolor="white", linestyle="-",
-                       markersize=8, label=f"LC win rate: {label}") for label in lc_labels]
+                       markersize=8, label=label) for label in lc_labels]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
     return fig
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtune.errors import RtuneError
+from rtune.eval.comparisons import compare
+from rtune.eval.metrics.intervals import BOOTSTRAP_PAIRED, NEWCOMBE_PAIRED
 from rtune.eval.results import EVAL_INFO, read_items, read_summaries, safe_name
 from rtune.io import write_text_atomic
 from rtune.report import plots
@@ -36,7 +38,7 @@ RANKING_PREFIX = "ranking_"
 ASPECT_PREFIX = "aspect_"
 ASPECT_TICKS = {"overall": "overall\n(mean of the five)", "safety": "safety\n(harmful prompts)"}
 # rtune.eval.judging names the pairwise metrics against reference REF vs_<REF>_<key>, REF a safe_name.
-PAIRWISE_KEYS = ("win_rate", "lc_win_rate", "lc_length_coef", "wins", "ties", "losses", "win_share", "tie_share",
+PAIRWISE_KEYS = ("win_rate", "rtune_lc_win_rate", "rtune_lc_length_coef", "wins", "ties", "losses", "win_share", "tie_share",
                  "loss_share", "n_unparseable")
 UNCLASSIFIED_PREFIX = "llm_n_unclassified_"
 
@@ -355,7 +357,8 @@ def _settings_blocks(results: list[Result], models: list[str]) -> list[tuple]:
     described = {}
     for r in results:
         for name, m in r.metrics().items():
-            described.setdefault(name, _compact({k: m.get(k) for k in ("label", "kind", "higher_is_better", "judge")}))
+            described.setdefault(name, _compact({k: m.get(k) for k in ("label", "kind", "higher_is_better", "judge",
+                                                                       "ci_method")}))
     blocks += [("h", 3, "Metrics"), ("pairs", list(described.items()))]
 
     versions = [(f"{r.model} / {r.bench}", str(r.summary.get("rtune_version", "unknown"))) for r in results]
@@ -363,10 +366,43 @@ def _settings_blocks(results: list[Result], models: list[str]) -> list[tuple]:
     return blocks
 
 
+def _comparisons(eval_dirs: list) -> dict:
+    """{bench: {pair: {value key: difference}}} from every EVAL_DIR (rtune.eval.comparisons), computed
+    afresh from the items (a folder made before comparisons existed gets them too)."""
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in eval_dirs))
+    out: dict = {}
+    for d in dirs:
+        for bench, pairs in compare(d).items():
+            for pair, values in pairs.items():
+                out.setdefault(bench, {})[pair if len(dirs) == 1 else f"{pair} ({d.name})"] = values
+    return out
+
+
+def _comparison_blocks(comparisons: dict, bench: str) -> list[tuple]:
+    """A table of paired differences A - B on one benchmark's items, one column per pair."""
+    pairs = comparisons.get(bench) or {}
+    if not pairs:
+        return []
+    keys = list(dict.fromkeys(k for values in pairs.values() for k in values))
+    rows = []
+    for key in keys:
+        first = next(v[key] for v in pairs.values() if key in v)
+        rows.append([first["label"]] + [format_metric({**v[key], "kind": "rate" if v[key]["ci_method"] == NEWCOMBE_PAIRED
+                                                       else "mean"}) if key in v else MISSING for v in pairs.values()])
+    return [("h", 3, f"Paired differences on {bench}"),
+            ("p", "Model A minus model B on the items both answered (rates in percentage points). Interval: "
+                  f"{NEWCOMBE_PAIRED} for 0/1 values, {BOOTSTRAP_PAIRED} for others. An interval that excludes 0 "
+                  "is a difference these items can tell; one that includes 0 is not."),
+            ("table", ["difference", *pairs], rows)]
+
+
 def _document(results, models, benches, eval_dirs, figures: dict[str, str]) -> list[tuple]:
+    comparisons = _comparisons(eval_dirs)
     blocks = [("h", 1, TITLE),
               ("p", "Results from " + ", ".join(str(d) for d in eval_dirs) + ". Models: " + ", ".join(models) + "."),
-              ("p", "Each cell: value [95% bootstrap interval] (n = items measured). Rates are percentages. "
+              ("p", "Each cell: value [95% interval] (n = items measured). Rates are percentages. Intervals: "
+                    "Wilson score for rates of 0/1 items, percentile bootstrap over items for means and for win "
+                    "rates with ties, lm-eval's stderr for lm-eval tasks (each metric's method is under Settings). "
                     "↑ higher is better, ↓ lower is better. " + MISSING + ": not measured for that model.")]
     for bench in benches:
         per_model = _by_bench(results, bench, models)
@@ -384,6 +420,7 @@ def _document(results, models, benches, eval_dirs, figures: dict[str, str]) -> l
         name = f"metrics_{safe_name(bench)}.png"
         if name in figures:
             blocks.append(("img", name, figures[name]))
+        blocks += _comparison_blocks(comparisons, bench)
     for name, heading in [("refusal.png", "Refusal vs over-refusal"), ("pairwise.png", "Pairwise comparison"),
                           ("aspects.png", "Aspect scores"), ("ranking.png", "Response ranking"),
                           ("lengths.png", "Output lengths")]:

@@ -32,7 +32,7 @@ import json
 import math
 import re
 
-from rtune.eval.metrics.intervals import mean_with_ci
+from rtune.eval.metrics.intervals import BOOTSTRAP, mean_with_ci
 from rtune.eval.results import metric
 
 TEMPLATE_VERSION = "aspects-v1"
@@ -260,11 +260,12 @@ def summarise_aspects(parsed_list, seed: int = 0, *, safety: bool | None = None,
     out = {}
     for a in aspects:
         value, ci, n = mean_with_ci([c[a] for c in complete], seed=seed)
-        out[a] = metric(value, ci, n, kind="mean", label=f"{a} (1-5)", higher_is_better=True, judge=judge)
+        out[a] = metric(value, ci, n, kind="mean", label=f"{a} (1-5)", higher_is_better=True, judge=judge,
+                        ci_method=BOOTSTRAP)
     if not safety:
         value, ci, n = mean_with_ci([sum(c[a] for a in aspects) / len(aspects) for c in complete], seed=seed)
         out["overall"] = metric(value, ci, n, kind="mean", label="overall (mean of the five aspects, 1-5)",
-                                higher_is_better=True, judge=judge)
+                                higher_is_better=True, judge=judge, ci_method=BOOTSTRAP)
     total = len(parsed_list)
     out["n_unparseable"] = metric(total - len(complete), None, total, kind="mean",
                                   label="unparseable or incomplete judgments (count)", higher_is_better=False,

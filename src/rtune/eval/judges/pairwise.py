@@ -27,34 +27,34 @@ alpaca_eval's convention, a number in [1, 2]: 1 the reference wins, 2 the model 
   wins / ties / losses and win_share / tie_share / loss_share: preference above / at / below 1.5
                 (within 1e-9), alpaca_eval's n_wins / n_draws / n_wins_base;
   n_unparseable items whose preference is None (left out of every other metric);
-  lc_win_rate   the length-controlled win rate, by one of two methods that its label names:
-    * "length-controlled win rate (alpaca_eval GLM)": alpaca_eval's own
-      `alpaca_eval.metrics.get_length_controlled_winrate` (length, instruction-difficulty and
-      baseline terms; L1, cross-validated). Tried only when the caller passes the items' AlpacaEval
-      indices (`alpaca_eval_indices`), the package imports and its hub data can be fetched; any
-      failure falls back, with a logged warning. It has no interval.
-    * "length-controlled (rtune, length term only)": rtune's equivalent WITHOUT the
-      instruction-difficulty term, so not comparable with AlpacaEval's leaderboard numbers. A
-      logistic model of the soft label y = preference - 1 (cross-entropy with fractional targets)
-      on one feature, x = tanh(d / sd(d)) with d = len(model output) - len(reference output) in
-      characters and sd its sample standard deviation (scaled, NOT centred: x = 0 means equal
-      length), plus an intercept b:  P(model wins) = sigmoid(b + w * x). The LC win rate is the
-      predicted win rate at equal length, sigmoid(b). Fitted by Newton's method in numpy with a
-      negligible L2 penalty (LC_L2 on b and w; it only keeps b finite when every item has the same
-      outcome). Its interval: percentile bootstrap over items (RESAMPLES resamples, seeded),
-      refitting on each resample with the scale sd(d) held at the full data's. The slope w is
-      reported as lc_length_coef (> 0: the judge favours the longer output).
+  rtune_lc_win_rate   rtune's length-controlled estimate, labelled LC_LABEL_RTUNE. It is NOT
+                AlpacaEval's LC win rate: that number comes only from alpaca_eval's own pipeline (its
+                GPT-4-turbo weighted annotator against gpt4_1106_preview on the 805 AlpacaEval
+                instructions, with the instruction-difficulty terms it downloads). rtune never calls
+                alpaca_eval's GLM on its own judgments (its difficulty terms are fitted to another judge,
+                another reference and AlpacaEval's row positions); `rtune eval` exports each model's
+                AlpacaEval outputs in alpaca_eval's format instead (rtune.eval.benchmarks.alpacaeval), so a
+                user with an API key can run alpaca_eval itself.
+                The estimate: a logistic model of the soft label y = preference - 1 (cross-entropy with
+                fractional targets) on one feature, x = tanh(d / sd(d)) with d = len(model output) -
+                len(reference output) in characters and sd its sample standard deviation (scaled, NOT
+                centred: x = 0 means equal length), plus an intercept b: P(model wins) = sigmoid(b + w x).
+                The estimate is the predicted win rate at equal length, sigmoid(b). Fitted by Newton's
+                method in numpy with a negligible L2 penalty (LC_L2 on b and w; it only keeps b finite
+                when every item has the same outcome). Its interval: percentile bootstrap over items
+                (RESAMPLES resamples, seeded), refitting on each resample with the scale sd(d) held at the
+                full data's. The slope w is reported as rtune_lc_length_coef (> 0: the judge favours the
+                longer output).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 
 import numpy as np
 
-from rtune.eval.metrics.intervals import RESAMPLES, mean_with_ci
+from rtune.eval.metrics.intervals import BOOTSTRAP, RESAMPLES, WILSON, mean_with_ci, rate_with_ci
 from rtune.eval.results import metric
 
 TEMPLATE_VERSION = "pairwise-v1"
@@ -67,10 +67,8 @@ PARAMS = {"temperature": 0, "max_tokens": 1, "logprobs": True, "top_logprobs": 5
 
 LC_L2 = 1e-6
 TIE_TOLERANCE = 1e-9
-LC_LABEL_RTUNE = "length-controlled (rtune, length term only)"
-LC_LABEL_ALPACA_EVAL = "length-controlled win rate (alpaca_eval GLM)"
+LC_LABEL_RTUNE = "rtune's length-controlled estimate (length term only; not AlpacaEval's LC win rate)"
 
-log = logging.getLogger("rtune")
 
 _PROMPT = """You are judging two candidate outputs written in reply to the same instruction. Decide which one a careful, well-informed person would prefer.
 
@@ -269,59 +267,18 @@ def length_controlled_rtune(prefs, lengths_model, lengths_reference, seed: int =
     return {"lc_win_rate": float(_sigmoid(b)), "ci": ci, "intercept": float(b), "length_coef": float(w), "n": n}
 
 
-def length_controlled_alpaca_eval(prefs, lengths_model, lengths_reference, indices) -> float | None:
-    """alpaca_eval's LC win rate (a share in [0, 1]), or None when it cannot be computed here.
-
-    Builds alpaca_eval's annotation table: output_1 / generator_1 the reference, output_2 /
-    generator_2 the model (its preference 2 = output_2 wins, our convention), `index` the AlpacaEval
-    instruction index. Only the outputs' lengths enter its GLM, so the outputs are stand-ins of the
-    right length in characters.
-    """
-    try:
-        import pandas as pd
-        from alpaca_eval.metrics import get_length_controlled_winrate
-    except Exception as e:  # noqa: BLE001 (not installed, or broken on import: fall back)
-        log.info("alpaca_eval's length control unavailable (%s); using rtune's length-only fit", e)
-        return None
-    rows = [(float(p), int(lm), int(lr), int(i))
-            for p, lm, lr, i in zip(prefs, lengths_model, lengths_reference, indices) if _valid(p)]
-    if not rows:
-        return None
-    df = pd.DataFrame({
-        "preference": [r[0] for r in rows],
-        "output_1": ["x" * r[2] for r in rows],
-        "output_2": ["x" * r[1] for r in rows],
-        "index": [r[3] for r in rows],
-        "generator_1": "reference",
-        "generator_2": "model",
-    })
-    try:
-        out = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
-        value = float(out["length_controlled_winrate"]) / 100.0
-    except Exception as e:  # noqa: BLE001 (hub unreachable, invalid indices, API change: fall back)
-        log.warning("alpaca_eval's length control failed (%s: %s); using rtune's length-only fit",
-                    type(e).__name__, e)
-        return None
-    return value if math.isfinite(value) else None
-
-
-def summarise_pairwise(prefs, lengths_model, lengths_reference, seed: int = 0, *, judge: str | None = None,
-                       alpaca_eval_indices=None) -> dict[str, dict]:
+def summarise_pairwise(prefs, lengths_model, lengths_reference, seed: int = 0, *,
+                       judge: str | None = None) -> dict[str, dict]:
     """Pairwise metrics from per-item preferences (None: unparseable) and output lengths in characters.
 
-    Keys: win_rate, lc_win_rate, lc_length_coef (rtune's fit only), wins, ties, losses, win_share,
-    tie_share, loss_share, n_unparseable. alpaca_eval_indices (the items' AlpacaEval indices) enables
-    alpaca_eval's own length control; see the module docstring.
+    Keys: win_rate, rtune_lc_win_rate, rtune_lc_length_coef, wins, ties, losses, win_share, tie_share,
+    loss_share, n_unparseable; see the module docstring.
     """
     prefs = list(prefs)
     lengths_model, lengths_reference = list(lengths_model), list(lengths_reference)
     if not len(prefs) == len(lengths_model) == len(lengths_reference):
         raise ValueError(f"{len(prefs)} preferences, {len(lengths_model)} model lengths, "
                          f"{len(lengths_reference)} reference lengths")
-    if alpaca_eval_indices is not None:
-        alpaca_eval_indices = list(alpaca_eval_indices)
-        if len(alpaca_eval_indices) != len(prefs):
-            raise ValueError(f"{len(prefs)} preferences but {len(alpaca_eval_indices)} AlpacaEval indices")
     for p in prefs:
         if _valid(p) and not 1.0 <= float(p) <= 2.0:
             raise ValueError(f"a preference must lie in [1, 2], not {p}")
@@ -330,8 +287,8 @@ def summarise_pairwise(prefs, lengths_model, lengths_reference, seed: int = 0, *
     n = len(valid)
     out = {}
     value, ci, _ = mean_with_ci([p - 1 for p in valid], seed=seed)
-    out["win_rate"] = metric(value, ci, n, kind="rate", label="win rate vs reference", higher_is_better=True,
-                             judge=judge)
+    out["win_rate"] = metric(value, ci, n, kind="rate", label="win rate vs reference (ties count 1/2)",
+                             higher_is_better=True, judge=judge, ci_method=BOOTSTRAP)
     outcome = {
         "win": [p > 1.5 + TIE_TOLERANCE for p in valid],
         "tie": [abs(p - 1.5) <= TIE_TOLERANCE for p in valid],
@@ -342,23 +299,16 @@ def summarise_pairwise(prefs, lengths_model, lengths_reference, seed: int = 0, *
         flags = outcome[name]
         out[key] = metric(sum(flags), None, n, kind="mean", label=f"{key} (count)", higher_is_better=better[name],
                           judge=judge)
-        value, ci, _ = mean_with_ci([float(f) for f in flags], seed=seed)
+        value, ci, _ = rate_with_ci(flags)
         out[f"{name}_share"] = metric(value, ci, n, kind="rate", label=f"{key} (share)",
-                                      higher_is_better=better[name], judge=judge)
+                                      higher_is_better=better[name], judge=judge, ci_method=WILSON)
     out["n_unparseable"] = metric(total - n, None, total, kind="mean", label="unparseable judgments (count)",
                                   higher_is_better=False, judge=judge)
 
-    lc = None
-    if alpaca_eval_indices is not None:
-        lc = length_controlled_alpaca_eval(prefs, lengths_model, lengths_reference, alpaca_eval_indices)
-    if lc is not None:
-        out["lc_win_rate"] = metric(lc, None, n, kind="rate", label=LC_LABEL_ALPACA_EVAL, higher_is_better=True,
-                                    judge=judge)
-    else:
-        fit = length_controlled_rtune(prefs, lengths_model, lengths_reference, seed=seed)
-        out["lc_win_rate"] = metric(fit and fit["lc_win_rate"], fit and fit["ci"], n, kind="rate",
-                                    label=LC_LABEL_RTUNE, higher_is_better=True, judge=judge)
-        out["lc_length_coef"] = metric(fit and fit["length_coef"], None, n, kind="mean",
-                                       label="length coefficient of the LC fit (log-odds per tanh(scaled length difference))",
-                                       higher_is_better=None, judge=judge)
+    fit = length_controlled_rtune(prefs, lengths_model, lengths_reference, seed=seed)
+    out["rtune_lc_win_rate"] = metric(fit and fit["lc_win_rate"], fit and fit["ci"], n, kind="rate",
+                                      label=LC_LABEL_RTUNE, higher_is_better=True, judge=judge, ci_method=BOOTSTRAP)
+    out["rtune_lc_length_coef"] = metric(fit and fit["length_coef"], None, n, kind="mean",
+                                         label="length coefficient of rtune's LC fit (log-odds per tanh(scaled "
+                                               "length difference))", higher_is_better=None, judge=judge)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from rtune.eval.metrics.intervals import mean_with_ci
+from rtune.eval.metrics.intervals import estimate
 from rtune.eval.results import metric
 
 # How a reply ended, as rtune.infer.generate writes it (not imported from there: that pulls in torch).
@@ -121,7 +121,7 @@ GENERATION_METRICS = {
     "cut_at_length": ("rate", "cut at max_new_tokens", False),
     "echoes_instruction": ("rate", "echoes the instruction", False),
     "writes_instruction": ("rate", "writes an instruction", False),
-    "answered": ("rate", "answered (ends, neither echoes nor writes an instruction)", True),
+    "answered": ("rate", "answered (heuristic: ends, neither echoes nor writes an instruction)", True),
     # Within one output repeated n-grams mean looping, so more distinct is better.
     "distinct_2": ("mean", "distinct-2 within an output", True),
     "distinct_3": ("mean", "distinct-3 within an output", True),
@@ -138,8 +138,8 @@ def summarise_generation(values_per_item: list[dict]) -> dict[str, dict]:
     out = {}
     for key, (kind, label, higher_is_better) in GENERATION_METRICS.items():
         values = [item.get(key) for item in values_per_item]
-        value, ci, n = mean_with_ci(values)
+        value, ci, n, method = estimate(values, kind)
         if n == 0:
             continue
-        out[key] = metric(value, ci, n, kind=kind, label=label, higher_is_better=higher_is_better)
+        out[key] = metric(value, ci, n, kind=kind, label=label, higher_is_better=higher_is_better, ci_method=method)
     return out

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rtune.data.pypi_files import PypiFile, pypi_file
-from rtune.eval.metrics.intervals import mean_with_ci
+from rtune.eval.metrics.intervals import BOOTSTRAP, mean_with_ci
 from rtune.eval.results import metric
 
 JUDGE = "all-MiniLM-L6-v2"
@@ -96,4 +96,4 @@ def summarise_relevance(values: list[float | None]) -> dict[str, dict]:
     if n == 0:
         return {}
     return {"relevance": metric(value, ci, n, kind="mean", label="relevance (MiniLM cosine, instruction vs output)",
-                                higher_is_better=None, judge=JUDGE)}
+                                higher_is_better=None, judge=JUDGE, ci_method=BOOTSTRAP)}
