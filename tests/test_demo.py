@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rtune.demo import DemoConfig, repeats_instruction, run_demo, summarise, writes_instruction
+from rtune.demo import DemoConfig, repeats_instruction, run_demo, summarise, table, writes_instruction
 
 
 @pytest.mark.parametrize("instruction,output,repeat", [
@@ -35,16 +35,15 @@ def test_writes_instruction(output, instruction_like):
     assert writes_instruction(output) is instruction_like
 
 
-def test_summarise_counts_answers_only_when_finished_and_not_a_repeat_or_an_instruction():
-    rows = [
-        {"instruction": "Name a fruit.", "output": "An apple.", "finished": True, "num_tokens": 3},
-        {"instruction": "Name a fruit.", "output": "An apple. And", "finished": False, "num_tokens": 5},
-        {"instruction": "Name a fruit.", "output": "Name a fruit.", "finished": True, "num_tokens": 4},
-        {"instruction": "Name a fruit.", "output": "Which fruit is red?", "finished": True, "num_tokens": 4},
-    ]
-    s = summarise(rows)
-    assert (s["ends"], s["repeats_instruction"], s["writes_instruction"], s["answered"]) == (0.75, 0.25, 0.5, 0.25)
-    assert s["mean_tokens"] == 4
+def test_the_demo_table_leads_with_reference_quality_and_labels_the_heuristic():
+    from rtune.eval.results import metric
+
+    summary = {"rt": {"metrics": {"answered": metric(0.75, (0.5, 0.9), 24, "rate", "answered"),
+                                  "rouge_l": metric(0.21, (0.18, 0.25), 24, "mean", "ROUGE-L")}}}
+    text = table({name: summarise(s) for name, s in summary.items()})
+    header = text.splitlines()[0]
+    assert header.index("ROUGE-L") < header.index("answered (heuristic)")
+    assert "| rt | 0.210 [0.180, 0.250] | 75.0% [50.0%, 90.0%] |" in text
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_model_path, tmp_path, capsys, rtune_cache_home):

@@ -288,6 +288,7 @@ def cmd_eval(a) -> None:
                         relevance=not a.no_relevance)
     config.lm_eval_tasks = [t for t in (a.lm_eval_tasks or "").split(",") if t]
     config.lm_eval_include = list(a.lm_eval_include or [])
+    config.lm_eval_dtype = a.lm_eval_dtype
     if not config.benches and not config.lm_eval_tasks:
         raise RtuneError("nothing to evaluate: give --bench NAME[,NAME] and/or --lm-eval-tasks TASK[,TASK]")
     if a.judge_url or a.judge_model:
@@ -460,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "offline examples: rtune_demo_mc, rtune_demo_gen")
     p.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
                    help="a folder of local lm-eval task YAMLs (repeatable)")
+    p.add_argument("--lm-eval-dtype", default="checkpoint",
+                   choices=("checkpoint", "auto", "fp32", "bf16", "fp16"),
+                   help="dtype of the lm-eval tasks; default: the checkpoint's own, as lm_eval's CLI loads it "
+                        "(auto: rtune's bf16-where-native, as --dtype)")
     p.add_argument("--out", required=True, metavar="EVAL_DIR")
     p.add_argument("--names", default=None, help="labels for the models, comma-separated (default: folder names)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of N items per benchmark")

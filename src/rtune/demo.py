@@ -12,6 +12,7 @@ checkpoint, evaluation from its generation cache).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,38 +50,46 @@ class DemoConfig:
     ranking_k: int = 3  # other responses each held-out reference is ranked against (the time budget)
 
 
-def summarise(rows: list[dict]) -> dict:
-    n = len(rows)
-    return {
-        "prompts": n,
-        "ends": sum(r["finished"] for r in rows) / n,  # at EOS or a stop string, not cut at the limit
-        "repeats_instruction": sum(repeats_instruction(r["instruction"], r["output"]) for r in rows) / n,
-        "writes_instruction": sum(writes_instruction(r["output"]) for r in rows) / n,
-        "answered": sum(is_answer(r["instruction"], r) for r in rows) / n,
-        "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
-    }
+# The demo's held-out table, least flattering first: content against the reference, then ranking,
+# then the format heuristics (which count "1. Daisy 2. Orange 3. Apple" as an answer to a question
+# about tropical flowers).
+TABLE_METRICS = (
+    ("rouge_l", "ROUGE-L vs reference"),
+    ("reference_similarity", "similarity to reference (MiniLM)"),
+    ("ranking_top1", "ranking top-1"),
+    ("answered", "answered (heuristic)"),
+    ("cut_at_length", "cut at max tokens"),
+    ("writes_instruction", "writes an instruction"),
+    ("length_tokens", "mean tokens"),
+)
+
+
+def summarise(summary: dict) -> dict:
+    """The held-out metrics the demo shows, from one model's eval summary (value, interval, n, method)."""
+    metrics = summary["metrics"]
+    return {key: metrics[key] for key, _ in TABLE_METRICS if key in metrics}
 
 
 def table(summary: dict) -> str:
-    lines = [
-        "| model | ends (EOS or a stop string) | repeats the instruction | writes an instruction | answered | mean tokens |",
-        "|---|---|---|---|---|---|",
-    ]
+    """Markdown: one row per model, one column per TABLE_METRICS entry, each value with its 95% interval."""
+    from rtune.report.tables import format_metric
+
+    keys = [(k, title) for k, title in TABLE_METRICS if any(k in s for s in summary.values())]
+    lines = ["| model | " + " | ".join(title for _, title in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['ends']:.0%} | {s['repeats_instruction']:.0%} | {s['writes_instruction']:.0%} "
-            f"| {s['answered']:.0%} | {s['mean_tokens']:.0f} |"
-        )
-    lines.append("")
-    lines.append("answered: ends (EOS or a stop string), neither repeats the instruction nor writes one (judge-free heuristics; "
-                 "read side_by_side.jsonl)")
+        cells = [format_metric({**s[k], "n": None}) if k in s else "—" for k, _ in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = max((m.get("n") or 0 for s in summary.values() for m in s.values()), default=0)
+    lines += ["", f"{n} held-out instructions; 95% intervals (Wilson for rates, bootstrap for means). ROUGE-L and "
+                  "similarity compare each answer with the held-out reference response; 'answered' is a format "
+                  "heuristic (ends, neither echoes nor writes an instruction): read side_by_side.jsonl."]
     return "\n".join(lines)
 
 
 def run_demo(config: DemoConfig) -> dict:
     from rtune.data import prepare
     from rtune.eval.generation import EvalDecoding
-    from rtune.eval.results import read_items, result_dir
+    from rtune.eval.results import SUMMARY, read_items, result_dir
     from rtune.eval.run import EvalConfig, run_eval
     from rtune.report import build_report
     from rtune.train.config import load_config
@@ -146,8 +155,8 @@ def run_demo(config: DemoConfig) -> dict:
     report_md = build_report([out / "eval"], out / "report")
 
     heldout = {name: read_items(result_dir(out / "eval", name, heldout_file.stem)) for name in models}
-    summary = {name: summarise([{**r, "instruction": r["prompt"], "finished": r["finish_reason"] != "length"}
-                                for r in rows]) for name, rows in heldout.items()}
+    summary = {name: summarise(json.loads((result_dir(out / "eval", name, heldout_file.stem) / SUMMARY)
+                                          .read_text(encoding="utf-8"))) for name in models}
     side_by_side = [
         {"id": rows[0]["id"], "instruction": rows[0]["prompt"],
          **{f"{name}_output": heldout[name][i]["output"] for name in models},

@@ -516,3 +516,21 @@ def test_max_response_chars_filters_training_but_not_heldout(tmp_path):
     with pytest.raises(RtuneError, match="at most 1 characters"):
         prepare(src, tmp_path / "c.jsonl", max_response_chars=1)
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_holdout_shares_no_instruction_or_response_with_training(tmp_path):
+    """Duplicates under other ids (datasets hold many) are split by content, not by index."""
+    rows = [{"id": f"r{i}", "instruction": f"Task number {i}?", "response": f"Answer {i}."} for i in range(30)]
+    rows += [{"id": f"d{i}", "instruction": f"  task NUMBER {i}? ", "response": f"Other answer {i}."} for i in range(30)]
+    rows += [{"id": f"e{i}", "instruction": f"Unrelated {i}", "response": f"answer {i}"} for i in range(30)]
+    src = tmp_path / "dups.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = prepare(src, tmp_path / "t.jsonl", holdout=10, seed=0)
+    held = [json.loads(x) for x in (tmp_path / "t.heldout.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    norm = sources.normalise_text
+    held_keys = {norm(r["instruction"]) for r in held} | {norm(r["response"]) for r in held}
+    assert not any(norm(r["instruction"]) in held_keys or norm(r["response"]) in held_keys for r in train)
+    assert summary["removed_overlap_with_heldout"] > 0
+    assert summary["train"] + summary["removed_overlap_with_heldout"] == 80
+    assert norm("  Task,  NUMBER 3?") == "task number 3"

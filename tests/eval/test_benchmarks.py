@@ -129,8 +129,8 @@ def test_limit_seed_draw_is_repeatable(cached_only):
     assert ids != [item.id for item in other.items]
     assert ids == sorted(ids, key=int)  # the draw keeps the set's own order
     assert ids != [str(i) for i in range(25)]  # a draw, not the first 25
-    assert first.info == {"name": "advbench", "source": first.info["source"], "sha256": advbench.SHA256,
-                          "total": 520, "limit": 25, "seed": 3, "selected": 25}
+    assert first.info == {"name": "advbench", "builtin": True, "source": first.info["source"],
+                          "sha256": advbench.SHA256, "total": 520, "limit": 25, "seed": 3, "selected": 25}
 
 
 def test_limit_edges(cached_only):
@@ -314,3 +314,14 @@ def test_heldout_file_is_a_benchmark(tmp_path):
         item = full[row["id"]]
         assert (item.prompt, item.reference, item.harmful) == (row["instruction"], row["response"], False)
         assert item.meta == {"source": "src.jsonl"}
+
+
+def test_local_files_sharing_a_stem_or_a_builtin_name_are_qualified(tmp_path):
+    from rtune.eval.benchmarks import local_names
+
+    names = local_names([f"{tmp_path}/a/test.jsonl", f"{tmp_path}/b/test.jsonl", f"{tmp_path}/c/own.jsonl",
+                         "advbench", f"{tmp_path}/d/alpacaeval.jsonl"])
+    assert list(names.values()) == ["a-test", "b-test", "own", "d-alpacaeval"]  # a built-in name is reserved
+    assert local_names([f"{tmp_path}/a/test.jsonl"]) == {f"{tmp_path}/a/test.jsonl": "test"}
+    with pytest.raises(RtuneError, match="own"):
+        local_names([f"{tmp_path}/a/t.jsonl", f"{tmp_path}/a/./t.jsonl"])

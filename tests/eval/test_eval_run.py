@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import tiny
 from tiny import tiny_config, write_records
 
 from rtune.cli import main
@@ -74,6 +75,24 @@ def test_models_side_by_side_results_layout(tmp_path, tiny_model_path, lora_run,
     assert [r["id"] for r in rows] == [f"h{i}" for i in range(6)]
     assert all(r["finish_reason"] in ("eos", "stop", "length") and "values" in r for r in rows)
     assert json.loads((out / "eval.json").read_text())["models"]["rt"]["spec"] == str(lora_run)
+    # Reference-based quality leads where items have references; intervals say how they were made.
+    assert list(metrics)[0] == "rouge_l" and 0 <= metrics["rouge_l"]["value"] <= 1
+    assert metrics["ends_with_eos"]["ci_method"].startswith("Wilson")
+    assert metrics["rouge_l"]["ci_method"].startswith("percentile bootstrap")
+    assert rt["environment"]["device_type"] == "cpu" and "torch" in rt["environment"]["versions"]
+    # Paired differences on the same items, beside the summaries.
+    comparisons = json.loads((out / "comparisons.json").read_text())["comparisons"]
+    pair = comparisons["heldout"]["base - rt"]
+    base_rows, rt_rows = read_items(out / "results" / "base" / "heldout"), rows
+    expected = sum(b["values"]["rouge_l"] - r["values"]["rouge_l"] for b, r in zip(base_rows, rt_rows)) / 6
+    assert pair["rouge_l"]["value"] == pytest.approx(expected) and pair["rouge_l"]["n"] == 6
+    assert pair["ends_with_eos"]["ci_method"].startswith("Newcombe")
+    assert comparisons["harmful"]["base - rt"]["refusal_keyword"]["n"] == 1
+    from rtune.report import build_report
+
+    md = build_report([out], tmp_path / "report").read_text()
+    assert "### Paired differences on heldout" in md and "| difference | base - rt |" in md
+    assert "ROUGE-L F1 against the reference" in md.split("### Paired differences on heldout")[1]
 
 
 def test_rerun_and_added_model_regenerate_nothing(tmp_path, tiny_model_path, lora_run, bench_files, monkeypatch):
@@ -90,7 +109,8 @@ def test_rerun_and_added_model_regenerate_nothing(tmp_path, tiny_model_path, lor
     monkeypatch.undo()
     # Adding a benchmark generates only its prompts.
     more = run_eval([str(tiny_model_path)], settings(benches=[str(heldout), str(harmful)]), out, labels=["base"])
-    assert more[0]["generation"]["generated"] == 2 and more[0]["generation"]["from_cache"] == 6
+    assert more[0]["generation"]["generated"] == 0 and more[0]["generation"]["from_cache"] == 6
+    assert more[1]["generation"]["generated"] == 2 and more[1]["generation"]["from_cache"] == 0
 
 
 def test_corrupt_cache_lines_are_redone(tmp_path, tiny_model_path, bench_files):
@@ -191,3 +211,61 @@ def test_a_resumed_run_forms_the_batches_an_uninterrupted_run_forms(tmp_path, mo
     assert first + seen == plan and len(plan) == 5  # the same batches, none repeated
     assert counts["from_cache"] == 10 and counts["generated"] == 13
     assert decoding.key("cpu") != EvalDecoding(batch_size=6).key("cpu")  # the batch size is in the cache key
+
+
+def test_models_differing_only_mid_file_and_files_sharing_a_stem_get_their_own_results(tmp_path, monkeypatch):
+    """The old fingerprint read only the ends of files over 64 MiB, and named local files by their stem:
+    two fine-tunes differing in the middle shared a cache, and a/test.jsonl overwrote b/test.jsonl."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("RTUNE_HOME", str(tmp_path / "home"))
+    tokenizer = tiny.byte_bpe_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    LlamaForCausalLM(config).save_pretrained(a)
+    tokenizer.save_pretrained(a)
+    weights = load_file(a / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"  # stored in the middle of the file
+    weights[name] = weights[name] * 3.0
+    b.mkdir()
+    for f in a.iterdir():
+        if f.name != "model.safetensors":
+            (b / f.name).write_bytes(f.read_bytes())
+    save_file(weights, b / "model.safetensors", metadata={"format": "pt"})
+    size = (a / "model.safetensors").stat().st_size
+    assert size > 64 * 2**20 and size == (b / "model.safetensors").stat().st_size
+    with open(a / "model.safetensors", "rb") as fa, open(b / "model.safetensors", "rb") as fb:
+        assert fa.read(1 << 20) == fb.read(1 << 20)
+        fa.seek(size - (1 << 20)), fb.seek(size - (1 << 20))
+        assert fa.read() == fb.read()  # both ends equal: only the middle differs
+
+    sets = []
+    for folder, prompts in (("one", ["Say hello.", "Name a colour."]), ("two", ["Count to three.", "Eat well."])):
+        path = tmp_path / folder / "test.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"id": f"{folder}{i}", "instruction": p}) + "\n"
+                                for i, p in enumerate(prompts)))
+        sets.append(str(path))
+    cfg = settings(benches=sets, shift=False, relevance=False)
+    cfg.decoding.max_new_tokens = 5
+    out = tmp_path / "together"
+    summaries = run_eval([str(a), str(b)], cfg, out, labels=["a", "b"])
+    found = {(s["model"]["label"], s["benchmark"]["name"]): s for s in summaries}
+    assert set(found) == {(m, n) for m in "ab" for n in ("one-test", "two-test")}
+    assert found["a", "one-test"]["model"]["fingerprint"]["id"] != found["b", "one-test"]["model"]["fingerprint"]["id"]
+    assert [r["id"] for r in read_items(out / "results" / "a" / "two-test")] == ["two0", "two1"]
+    # Each model's outputs are its own: equal to evaluating it alone in a fresh folder.
+    for label, model in (("a", a), ("b", b)):
+        run_eval([str(model)], cfg, tmp_path / f"alone-{label}", labels=[label])
+        for bench in ("one-test", "two-test"):
+            together = [r["output"] for r in read_items(out / "results" / label / bench)]
+            alone = [r["output"] for r in read_items(tmp_path / f"alone-{label}" / "results" / label / bench)]
+            assert together == alone
+    outputs = {m: [r["output"] for r in read_items(out / "results" / m / "one-test")] for m in "ab"}
+    assert outputs["a"] != outputs["b"]

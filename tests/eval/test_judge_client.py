@@ -25,9 +25,9 @@ from email.utils import formatdate
 
 import pytest
 
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("openai")
+import fastapi  # noqa: E402  (hard dependencies of rtune: a broken install fails here, never skips)
+import openai  # noqa: E402,F401
+import uvicorn  # noqa: E402
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402

@@ -13,7 +13,7 @@ import sys
 import pytest
 from tiny import tiny_config, write_records
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: F401  (the dev extra installs it: a missing lm_eval must fail here, not skip)
 
 from rtune.errors import RtuneError
 from rtune.eval import lm_eval as rl
@@ -143,7 +143,9 @@ def test_rtune_eval_writes_the_results_layout(tiny_model_path, lora_run, tmp_pat
     from rtune.report import build_report
 
     out = tmp_path / "eval"
-    config = EvalConfig(benches=[], lm_eval_tasks=["rtune_demo_mc"], decoding=EvalDecoding(batch_size=4, dtype="fp32"),
+    # The default lm-eval dtype is the checkpoint's (fp32 here), as lm_eval's own CLI loads it, whatever
+    # rtune's generation dtype ("auto" is bf16 on a bf16-capable CPU).
+    config = EvalConfig(benches=[], lm_eval_tasks=["rtune_demo_mc"], decoding=EvalDecoding(batch_size=4, dtype="auto"),
                         progress=False)
     summaries = run_eval([str(tiny_model_path), str(lora_run)], config, out, labels=["base", "rt"])
     assert len(summaries) == 2
@@ -157,7 +159,7 @@ def test_rtune_eval_writes_the_results_layout(tiny_model_path, lora_run, tmp_pat
         for name in ("acc", "acc_norm"):
             m, se = metrics[f"rtune_demo_mc/{name}"], raw[f"{name}_stderr,none"]
             assert m["value"] == raw[f"{name},none"] and m["n"] == 32 and m["kind"] == "rate"
-            assert m["label"] == f"rtune_demo_mc {name}" and m["higher_is_better"] is True
+            assert m["label"] == f"rtune_demo_mc {name} (fp32)" and m["higher_is_better"] is True
             assert se > 0 and m["ci"] == pytest.approx([max(0.0, m["value"] - 1.96 * se),
                                                         min(1.0, m["value"] + 1.96 * se)], abs=1e-3)
         # One task: the average is its primary metric (acc_norm), with the same interval.
@@ -179,7 +181,7 @@ def test_rtune_eval_writes_the_results_layout(tiny_model_path, lora_run, tmp_pat
           "--out", str(out), "--dtype", "fp32", "--batch-size", "4"])
     report = build_report([out], tmp_path / "report").read_text()
     assert "Benchmark: lm-eval" in report and "rtune_demo_mc acc_norm" in report and "average over tasks" in report
-    line = next(x for x in report.splitlines() if x.startswith("| rtune_demo_mc acc ↑"))
+    line = next(x for x in report.splitlines() if x.startswith("| rtune_demo_mc acc (fp32) ↑"))
     assert line.count("%") >= 6  # base and rt side by side, each value with its interval
 
 
@@ -215,7 +217,7 @@ def test_unknown_task_and_plan(task_manager):
 
 
 def test_interval_and_average():
-    out = {"tasks": {
+    out = {"settings": {"dtype": "fp32"}, "tasks": {
         "a": {"metrics": {"acc": {"value": 0.5, "stderr": 0.1, "metric": "acc", "filter": "none",
                                   "higher_is_better": True}}, "n": 10, "primary": "acc"},
         "b": {"metrics": {"exact_match,strict-match": {"value": 0.98, "stderr": 0.02, "metric": "exact_match",
@@ -224,8 +226,19 @@ def test_interval_and_average():
     m = rl.to_metrics(out)
     assert m["a/acc"]["ci"] == pytest.approx([0.5 - 0.196, 0.5 + 0.196], abs=1e-3)
     assert m["b/exact_match,strict-match"]["ci"][1] == 1.0  # clipped: a rate
-    assert m["b/exact_match,strict-match"]["label"] == "b exact_match,strict-match"
+    assert m["b/exact_match,strict-match"]["label"] == "b exact_match,strict-match (fp32)"  # the dtype beside it
     avg = m["average"]
     assert avg["value"] == pytest.approx(0.74) and avg["n"] == 40
     se = math.sqrt(0.1 ** 2 + 0.02 ** 2) / 2
     assert avg["ci"] == pytest.approx([0.74 - 1.96 * se, 0.74 + 1.96 * se], abs=1e-3)
+
+
+def test_the_default_lm_eval_dtype_is_the_checkpoints(tmp_path, tiny_model_path, lora_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert rl.checkpoint_dtype(str(tiny_model_path)) == "fp32"
+    assert rl.checkpoint_dtype(str(lora_run)) == "fp32"  # a LoRA run: its base's
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    assert rl.checkpoint_dtype(str(tmp_path / "bf16")) == "bf16"

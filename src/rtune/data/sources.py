@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import unicodedata
 from pathlib import Path
 
 from rtune.data.pypi_files import PypiFile, pypi_file
@@ -94,6 +95,12 @@ def load_source(
     return _build_records(rows, fields, id_prefix=path.stem, source_name=path.name, strict=strict)
 
 
+def normalise_text(text: str) -> str:
+    """Text compared for duplicates: Unicode-normalised, case-folded, punctuation and spacing ignored."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
 def prepare(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -109,7 +116,9 @@ def prepare(
 
     The records are shuffled with `random.Random(seed)`; the first `holdout` go to
     `<out stem>.heldout.jsonl`, the next `limit` (default: all the rest) to `out`. So the held-out
-    set never overlaps training and does not change when `limit` changes. `max_response_chars`
+    set does not change when `limit` changes, and it never overlaps training: a training record whose
+    normalised instruction or response (`normalise_text`) equals a held-out record's is dropped and
+    counted ("removed_overlap_with_heldout"). `max_response_chars`
     keeps only training responses up to that length (the held-out set is drawn before this filter,
     so it stays a plain random sample). Both files are written
     atomically, and only after everything was read and checked: on any error nothing is written.
@@ -135,6 +144,17 @@ def prepare(
     random.Random(seed).shuffle(order)
     heldout_rows = [records[i] for i in order[:holdout]]
     rest = order[holdout:]
+    # Held out means unseen: no training record may share a held-out instruction or response, even
+    # as a duplicate under another id (datasets hold many), or ranking and NLL on it would flatter.
+    seen = {("i", k) for r in heldout_rows if (k := normalise_text(r["instruction"]))}
+    seen |= {("r", k) for r in heldout_rows if (k := normalise_text(r["response"]))}
+    kept = [i for i in rest if ("i", normalise_text(records[i]["instruction"])) not in seen
+            and ("r", normalise_text(records[i]["response"])) not in seen]
+    overlap = len(rest) - len(kept)
+    rest = kept
+    if not rest:
+        raise RtuneError(f"{os.fspath(source)}: every training record shares an instruction or a response with "
+                         "the held-out set")
     too_long = 0
     if max_response_chars is not None:
         kept_rest = [i for i in rest if len(records[i]["response"]) <= max_response_chars]
@@ -165,6 +185,7 @@ def prepare(
         "with_input": stats["with_input"],
         "fields": stats["fields"],
         "skipped_long_response": too_long,
+        "removed_overlap_with_heldout": overlap,
         "train": len(train_rows),
         "heldout": len(heldout_rows),
         "seed": seed,

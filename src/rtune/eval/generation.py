@@ -2,9 +2,13 @@
 
 Every prompt is rendered with the model's own template (a run or merged folder's; tulu for a plain
 model) and decoded greedily by default, with the template's stop strings. Results go to an
-append-only cache (rtune.eval.cache) under EVAL_DIR/cache/<model fingerprint>/<decoding key>.jsonl,
-keyed by a hash of the prompt's token ids: re-running, adding a model or a benchmark regenerates
-nothing already done, and a killed run resumes where it stopped (finished batches are on disk).
+append-only cache (rtune.eval.cache) under EVAL_DIR/cache/<model fingerprint>/generations-<key>.jsonl,
+the key covering the decoding settings, the device type, a base loaded in NF4 or not and the
+versions of torch, transformers and peft (rtune.fingerprint.output_environment). Items are keyed by
+a hash of the prompt's token ids and of its batch: batches are formed from one benchmark's prompts
+alone, so re-running, adding a model or a benchmark regenerates nothing already done, a
+benchmark's outputs never depend on what else ran or was cached first, and a killed run resumes
+where it stopped (finished batches are on disk).
 
 Precision: `dtype="auto"` generates in bf16 on GPUs with bf16 and on CPUs with native bf16
 (AMX, AVX512-BF16), where greedy bf16 outputs agree with fp32 on most prompts and decode several
@@ -26,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from rtune import run_folder
 from rtune.errors import RtuneError
 from rtune.eval.cache import JsonlCache
+# The model fingerprint lives in rtune.fingerprint (full-content digests); importable from here too.
+from rtune.fingerprint import model_fingerprint, output_environment  # noqa: F401
 from rtune.infer.generate import GenerationConfig, generate_ids
 
 DTYPES = ("auto", "fp32", "bf16")
@@ -93,74 +98,68 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# -- which model: a fingerprint that changes when the weights or the template change ----------------
-def _file_digest(path: Path) -> str:
-    """sha256 of a file; for files over 64 MiB of (size, first MiB, last MiB): cheap for 16 GB weights."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= 64 * 2**20:
-            while block := f.read(1 << 20):
-                h.update(block)
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(1 << 20))
-            f.seek(size - (1 << 20))
-            h.update(f.read(1 << 20))
-    return h.hexdigest()
-
-
-def _folder_digest(folder: Path) -> dict:
-    """Digests of a model folder's config and weight files."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".bin", ".gguf") or p.name in ("config.json", "adapter_config.json")))
-    return {name: _file_digest(folder / name) for name in names}
-
-
-def model_fingerprint(spec: str, renderer) -> dict:
-    """What identifies a model's outputs: its weights (or base + adapter) and its template."""
-    from rtune.models import resolve_model
-
-    fp: dict = {"renderer": hashlib.sha256(json.dumps(renderer.to_dict(), sort_keys=True).encode()).hexdigest()}
-    if run_folder.is_run_dir(spec):
-        info = run_folder.read_complete_run_info(spec, "finish training first (rtune train --resume)")
-        fp.update(kind="run", base=info["base_model"]["load"], method=info["method"],
-                  weights=_folder_digest(run_folder.weights_dir(spec, info)))
-    elif run_folder.is_merged_dir(spec):
-        fp.update(kind="merged", weights=_folder_digest(Path(spec)))
-    else:
-        ref = resolve_model(spec)
-        if ref.kind == "hub":
-            fp.update(kind="hub", id=ref.path)
-        elif ref.gguf_file:
-            fp.update(kind="gguf", weights={ref.gguf_file: _file_digest(Path(ref.path) / ref.gguf_file)})
-        else:
-            fp.update(kind=ref.kind, weights=_folder_digest(Path(ref.path)))
-    fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return fp
-
-
 def prompt_key(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
 
 
 # -- generating what the cache lacks ---------------------------------------------------------------
+def cache_name(decoding: EvalDecoding, device_type: str, environment: dict) -> str:
+    """The cache file's key: the decoding settings and what else changes outputs (rtune.fingerprint)."""
+    payload = {"decoding": decoding.resolved(device_type), "environment": environment}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def generation_cache(eval_dir: str | os.PathLike, fingerprint: dict, decoding: EvalDecoding,
-                     device_type: str) -> JsonlCache:
+                     device_type: str, environment: dict) -> JsonlCache:
     folder = Path(eval_dir) / "cache" / fingerprint["id"]
-    cache = JsonlCache(folder / f"generations-{decoding.key(device_type)}.jsonl", GENERATION_FIELDS)
-    settings = folder / f"generations-{decoding.key(device_type)}.settings.json"
+    name = cache_name(decoding, device_type, environment)
+    cache = JsonlCache(folder / f"generations-{name}.jsonl", GENERATION_FIELDS)
+    settings = folder / f"generations-{name}.settings.json"
     if not settings.exists():
         from rtune.io import write_json_atomic
 
-        write_json_atomic(settings, {"fingerprint": fingerprint, "decoding": decoding.resolved(device_type)})
+        write_json_atomic(settings, {"fingerprint": fingerprint, "decoding": decoding.resolved(device_type),
+                                     "environment": environment})
     return cache
+
+
+def fixed_batches(prompts: dict[str, list[int]], batch_size: int) -> list[list[str]]:
+    """The batches of one benchmark, a pure function of its prompts: longest first, ties by key.
+
+    In bf16 a prompt's greedy answer can depend on which prompts share its batch (other shapes,
+    other kernels), so batches are formed from one benchmark's prompts alone (never from what else
+    runs in the same call) and a resumed run forms the very batches an uninterrupted run forms."""
+    keys = sorted(prompts, key=lambda k: (-len(prompts[k]), k))
+    return [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+
+
+def item_keys(prompts: dict[str, list[int]], decoding: EvalDecoding) -> dict[str, str]:
+    """prompt key -> cache key. With the HF backend the cache key names the prompt's batch too, so an
+    output made beside other neighbours (another --limit sample, another benchmark's run) is never
+    served for this one. vLLM schedules prompts itself: its outputs are keyed by prompt alone."""
+    if decoding.backend != "hf":
+        return {k: k for k in prompts}
+    out = {}
+    for batch in fixed_batches(prompts, decoding.batch_size):
+        batch_id = hashlib.sha256(",".join(batch).encode()).hexdigest()[:16]
+        out.update({k: f"{k}@{batch_id}" for k in batch})
+    return out
+
+
+def cached_outputs(prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding) -> dict[str, dict]:
+    """prompt key -> its cached generation (every prompt must be cached)."""
+    return {k: cache.get(c) for k, c in item_keys(prompts, decoding).items()}
+
+
+def missing(prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding) -> int:
+    return sum(c not in cache for c in item_keys(prompts, decoding).values())
 
 
 def generate_missing(loaded, prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding,
                      progress: bool = True) -> dict:
-    """Generate every prompt (key -> ids) the cache lacks, appending each finished batch; returns counts."""
-    todo = {k: ids for k, ids in prompts.items() if k not in cache}
+    """Generate every prompt of one benchmark (key -> ids) the cache lacks, appending each finished batch."""
+    keys = item_keys(prompts, decoding)
+    todo = {k: ids for k, ids in prompts.items() if keys[k] not in cache}
     counts = {"items": len(prompts), "from_cache": len(prompts) - len(todo), "generated": 0,
               "corrupt_cache_lines": cache.corrupt, "seconds": 0.0, "new_tokens": 0}
     if not todo:
@@ -169,39 +168,30 @@ def generate_missing(loaded, prompts: dict[str, list[int]], cache: JsonlCache, d
     if decoding.backend == "vllm":
         _generate_vllm(loaded, todo, cache, decoding)
     else:
-        _generate_hf(loaded, prompts, todo, cache, decoding, progress)
+        _generate_hf(loaded, prompts, todo, keys, cache, decoding, progress)
     counts["generated"] = len(todo)
     counts["seconds"] = round(time.perf_counter() - start, 2)
-    counts["new_tokens"] = sum(cache.get(k)["num_tokens"] for k in todo)
+    counts["new_tokens"] = sum(cache.get(keys[k])["num_tokens"] for k in todo)
     return counts
 
 
-def fixed_batches(prompts: dict[str, list[int]], batch_size: int) -> list[list[str]]:
-    """The batches of an evaluation, a pure function of its prompts: longest first, ties by key.
-
-    In bf16 a prompt's greedy answer can depend on which prompts share its batch (other shapes,
-    other kernels), so a resumed run must form the very batches an uninterrupted run forms."""
-    keys = sorted(prompts, key=lambda k: (-len(prompts[k]), k))
-    return [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
-
-
-def _generate_hf(loaded, prompts: dict[str, list[int]], todo: dict[str, list[int]], cache: JsonlCache,
-                 decoding: EvalDecoding, progress: bool) -> None:
+def _generate_hf(loaded, prompts: dict[str, list[int]], todo: dict[str, list[int]], keys: dict[str, str],
+                 cache: JsonlCache, decoding: EvalDecoding, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     config = decoding.generation_config()
     bar = tqdm(total=len(todo), desc=f"generate {loaded.label}", unit="prompt", disable=None if progress else True)
     try:
         for batch in fixed_batches(prompts, decoding.batch_size):
-            # A batch is appended whole, so after a kill it is either all cached or all missing; it is
-            # partly cached only when other evaluations cached some of its prompts (then those stay).
-            batch = [k for k in batch if k in todo]
-            if not batch:
+            # A batch is generated whole, with all its neighbours (its cache keys name the batch), and
+            # appended at once, so after a kill it is all cached or all missing.
+            if not any(k in todo for k in batch):
                 continue
-            gens = generate_ids(loaded.model, loaded.tokenizer, loaded.renderer, [todo[k] for k in batch], config)
-            cache.add_many({k: {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens,
-                                "token_ids": g.token_ids} for k, g in zip(batch, gens)})
-            bar.update(len(batch))
+            gens = generate_ids(loaded.model, loaded.tokenizer, loaded.renderer, [prompts[k] for k in batch], config)
+            # Only the missing ones are appended (a corrupt line's neighbours are already cached).
+            cache.add_many({keys[k]: {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens,
+                                      "token_ids": g.token_ids} for k, g in zip(batch, gens) if k in todo})
+            bar.update(sum(k in todo for k in batch))
     finally:
         bar.close()
 

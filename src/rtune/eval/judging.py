@@ -7,7 +7,8 @@
               overall mean on benign items, safety on harmful ones (`aspect_*`)
     pairwise  each model against the reference outputs (another evaluated model, e.g. IT, or a
               file of outputs), both presentation orders (rtune.eval.judges.pairwise):
-              `vs_<reference>_win_rate`, `..._lc_win_rate` (length-controlled), wins / ties / losses
+              `vs_<reference>_win_rate`, `..._rtune_lc_win_rate` (rtune's length-controlled estimate),
+              wins / ties / losses, `..._n_no_reference` (items the reference does not cover)
 
 The judge client (rtune.eval.judges.client) caches every judgment in EVAL_DIR/cache/judges/ as it
 arrives, retries flaky endpoints and counts tokens, cost and failures; a failed judgment is not
@@ -35,7 +36,7 @@ class JudgeConfig:
     url: str
     model: str
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    reference: str | None = None  # an evaluated model's name, or a JSONL file of {"id", "output"} rows
+    reference: str | None = None  # an evaluated model's name, or a file of reference outputs (read_reference_file)
     concurrency: int = 8
     timeout: float = 120.0
     price_per_million: tuple[float, float] | None = None  # (input, output) dollars, for the cost counter
@@ -49,27 +50,80 @@ class JudgeConfig:
                 raise RtuneError("--judge pairwise needs --reference: an evaluated model's name or an outputs file")
             if self.reference not in labels and not Path(self.reference).is_file():
                 raise RtuneError(f"--reference {self.reference!r} is neither an evaluated model ({', '.join(labels)}) "
-                                 "nor a file of {id, output} rows")
+                                 "nor a file of reference outputs")
         return self
 
 
 def reference_outputs(config: JudgeConfig, data: dict) -> tuple[str, dict]:
-    """(reference name, {bench: {item id: output}}) from an evaluated model or an outputs file."""
+    """(reference name, {bench: {item id: output}}) from an evaluated model or a reference file.
+
+    An evaluated model answers the same items: its outputs pair with each benchmark's items by id.
+    A file is read by `read_reference_file`. Items without a reference are left out of the pairwise
+    judge and counted per benchmark (`vs_<ref>_n_no_reference`)."""
     if config.reference in data:
         return config.reference, {b: {r["id"]: r["output"] for r in d["rows"]} for b, d in data[config.reference].items()}
-    path = Path(config.reference)
-    outputs = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RtuneError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("output"), str) or "id" not in row:
-            raise RtuneError(f"{path}:{n}: expected an object with 'id' and a string 'output'")
-        outputs[str(row["id"])] = row["output"]
-    return path.stem, {bench: outputs for bench in next(iter(data.values()))}
+    benches = {b: d["items"] for b, d in next(iter(data.values())).items()}
+    return Path(config.reference).stem, read_reference_file(config.reference, benches)
+
+
+def read_reference_file(path: str | Path, benches: dict) -> dict:
+    """{bench: {item id: output}} from a file of reference outputs, matched without guessing.
+
+    Rows are objects with a string "output" and one way to find their item:
+      "benchmark" + "id"   the item of that id in that benchmark (rtune's format; a file may hold many);
+      "id" alone           the file holds one benchmark: allowed only when one benchmark is evaluated
+                           (ids are row positions in several built-in sets, so "0" means something
+                           different in each);
+      "instruction" alone  alpaca_eval's format (model_outputs.json): matched by the item's prompt text,
+                           within every evaluated benchmark; two different outputs for one instruction
+                           are an error.
+    Errors name the file and the row. bench -> items: the evaluated benchmarks."""
+    from rtune.data.sources import _id_field, _read_file_rows, _string_field
+
+    path = Path(path)
+    keyed: dict = {}  # (bench, id) -> (output, where)
+    by_text: dict = {}  # instruction -> (output, where)
+    for where, row in _read_file_rows(path):
+        if not isinstance(row, dict):
+            raise RtuneError(f"{where}: expected an object with an 'output'")
+        output = _string_field(row, "output", where)
+        if "id" in row:
+            rid = _id_field(row, "id", where)
+            if "benchmark" in row:
+                bench = _string_field(row, "benchmark", where)
+                if bench not in benches:
+                    raise RtuneError(f"{where}: benchmark {bench!r} is not evaluated here ({', '.join(benches)})")
+            elif len(benches) == 1:
+                bench = next(iter(benches))
+            else:
+                raise RtuneError(f"{where}: a reference row with an 'id' but no 'benchmark' is ambiguous when "
+                                 f"{len(benches)} benchmarks are evaluated ({', '.join(benches)}): add a "
+                                 "'benchmark' field to every row, or evaluate one benchmark")
+            if (bench, rid) in keyed:
+                raise RtuneError(f"{where}: a second reference for {bench} item {rid!r} (first at {keyed[bench, rid][1]})")
+            keyed[bench, rid] = (output, where)
+        elif "instruction" in row:
+            text = _string_field(row, "instruction", where)
+            if text in by_text and by_text[text][0] != output:
+                raise RtuneError(f"{where}: two different reference outputs for one instruction (first at "
+                                 f"{by_text[text][1]}); cannot tell which to judge against")
+            by_text.setdefault(text, (output, where))
+        else:
+            raise RtuneError(f"{where}: a reference row needs an 'id' (with 'benchmark') or an 'instruction'")
+    out: dict = {}
+    for bench, items in benches.items():
+        known = {item.id for item in items}
+        unknown = [rid for (b, rid) in keyed if b == bench and rid not in known]
+        if unknown and len(unknown) == len([k for k in keyed if k[0] == bench]):
+            raise RtuneError(f"{path}: none of its ids for {bench} ({', '.join(sorted(unknown)[:3])}, ...) is an item "
+                             f"of the evaluated {bench} (check --limit/--seed and the file)")
+        refs = {}
+        for item in items:
+            hit = keyed.get((bench, item.id)) or by_text.get(item.prompt)
+            if hit is not None:
+                refs[item.id] = hit[0]
+        out[bench] = refs
+    return out
 
 
 def run_judges(config: JudgeConfig, data: dict, out_dir: Path, seed: int, progress: bool) -> dict:
@@ -115,7 +169,8 @@ def run_judges(config: JudgeConfig, data: dict, out_dir: Path, seed: int, progre
     for (model, bench, i, kind, order), result in zip(plan, results):
         slot = found[model][bench][i]
         if kind == "refusal":
-            slot["refusal"] = refusal.parse(result["text"]) if result["ok"] else refusal.UNCLASSIFIED
+            slot["refusal"] = (refusal.parse(result["text"], result.get("finish_reason")) if result["ok"]
+                                  else refusal.UNCLASSIFIED)
         elif kind == "aspects":
             slot["aspects"] = aspects.parse(result["text"]) if result["ok"] else None
         else:
@@ -147,16 +202,19 @@ def run_judges(config: JudgeConfig, data: dict, out_dir: Path, seed: int, progre
                         metrics.update({f"aspect_{k}{suffix if k.startswith('n_') else ''}": v
                                         for k, v in summary.items()})
             pairs = [j.get("pairwise") for j in judged]
-            if "pairwise" in config.kinds and any(pairs):
+            if "pairwise" in config.kinds and model != ref_name:
                 reference = ref_outputs.get(bench, {})
+                missing = sum(item.id not in reference for item in d["items"])
+                metrics[f"vs_{safe_name(ref_name)}_n_no_reference"] = metric(
+                    missing, None, len(d["items"]), "mean", "items without a reference output (count; not judged)",
+                    None, config.model)
+            if "pairwise" in config.kinds and any(pairs):
                 keep = [i for i, p in enumerate(pairs) if p]
                 prefs = [pairwise.combine(pairs[i].get(pairwise.MODEL_FIRST), pairs[i].get(pairwise.REFERENCE_FIRST))
                          for i in keep]
                 lengths = [len(d["rows"][i]["output"]) for i in keep]
                 ref_lengths = [len(reference[d["items"][i].id]) for i in keep]
-                indices = [int(d["items"][i].id) for i in keep] if bench == "alpacaeval" else None
-                summary = pairwise.summarise_pairwise(prefs, lengths, ref_lengths, seed, judge=config.model,
-                                                      alpaca_eval_indices=indices)
+                summary = pairwise.summarise_pairwise(prefs, lengths, ref_lengths, seed, judge=config.model)
                 metrics.update({f"vs_{safe_name(ref_name)}_{k}": v for k, v in summary.items()})
                 for i, p in zip(keep, prefs):
                     judged[i]["preference_vs_" + safe_name(ref_name)] = p

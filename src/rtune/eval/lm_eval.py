@@ -265,6 +265,36 @@ def _quiet_lm_eval(level: int = logging.ERROR):
 
 
 # -- loading the model as rtune prompts it ----------------------------------------------------------
+CHECKPOINT_DTYPE = "checkpoint"
+LM_EVAL_DTYPES = (CHECKPOINT_DTYPE, "auto", "fp32", "bf16", "fp16")
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def checkpoint_dtype(spec: str) -> str:
+    """The dtype lm_eval's own CLI (`--model hf`, dtype "auto") loads a model in: its config's dtype,
+    fp32 when the config names none. A LoRA run: its base's (lm_eval loads the base, then the adapter)."""
+    from transformers import AutoConfig
+
+    from rtune.models import remote_code_allowed, resolve_model
+
+    spec = str(spec)
+    if run_folder.is_run_dir(spec):
+        info = run_folder.read_run_info(spec)
+        folder = (run_folder.weights_dir(spec, info) if info["weights"] != "adapter"
+                  else resolve_model(info["base_model"]["load"]).path)
+    elif run_folder.is_merged_dir(spec):
+        folder = spec
+    else:
+        ref = resolve_model(spec)
+        if ref.gguf_file:
+            return "fp32"  # transformers de-quantises GGUF weights to fp32
+        folder = ref.path
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=remote_code_allowed())
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return _DTYPE_NAMES.get(name, "fp32")
+
+
 def _torch_dtype(dtype, device) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -454,11 +484,15 @@ def to_metrics(out: dict) -> dict:
     from rtune.eval.results import metric
 
     records, primaries = {}, []
+    dtype = str(out.get("settings", {}).get("dtype", "?"))  # shown beside every number: lm-eval's scores move with it
+    dtype = _DTYPE_NAMES.get(dtype, dtype)
+    method = "normal approximation, value +- 1.96 x lm-eval's stderr"
     for task, t in out["tasks"].items():
         for key, m in t["metrics"].items():
             rate = m["metric"] in RATE_METRICS
             records[f"{task}/{key}"] = metric(m["value"], interval(m["value"], m["stderr"], rate), t["n"],
-                                              "rate" if rate else "mean", f"{task} {key}", m["higher_is_better"])
+                                              "rate" if rate else "mean", f"{task} {key} ({dtype})",
+                                              m["higher_is_better"], ci_method=method)
         if t["primary"] is not None:
             primaries.append((task, t["primary"], t["metrics"][t["primary"]], t["n"]))
     if primaries:
@@ -467,9 +501,9 @@ def to_metrics(out: dict) -> dict:
         # Tasks are independent samples: the mean's stderr is sqrt(sum se^2) / k.
         se = None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses)) / len(ses)
         rate = all(m["metric"] in RATE_METRICS for _, _, m, _ in primaries)
-        label = "average over tasks (" + ", ".join(f"{task} {key}" for task, key, _, _ in primaries) + ")"
+        label = "average over tasks (" + ", ".join(f"{task} {key}" for task, key, _, _ in primaries) + f") ({dtype})"
         records["average"] = metric(value, interval(value, se, rate), sum(n for *_, n in primaries),
-                                    "rate" if rate else "mean", label, True)
+                                    "rate" if rate else "mean", label, True, ci_method=method)
     return records
 
 
@@ -562,8 +596,10 @@ class LmEvalPlan:
         from rtune.eval.results import SUMMARY, result_dir, write_result
 
         summaries = []
-        dtype = resolve_dtype(config.decoding.dtype, device_type)
         for loaded, fp in entries:
+            # lm_eval's own CLI loads a checkpoint in its own dtype: so does rtune unless told otherwise.
+            asked = getattr(config, "lm_eval_dtype", CHECKPOINT_DTYPE)
+            dtype = checkpoint_dtype(loaded.spec) if asked == CHECKPOINT_DTYPE else resolve_dtype(asked, device_type)
             key = {"fingerprint": fp, "tasks": self.tasks, "limit": self.limit, "dtype": dtype,
                    "lm_eval": lm_eval_version(), "include": self.include}
             path = result_dir(out_dir, loaded.label, BENCH_NAME) / SUMMARY

@@ -27,15 +27,20 @@ from rtune.errors import RtuneError
 from rtune.eval.cache import JsonlCache
 from rtune.eval.generation import (
     EvalDecoding,
+    cache_name,
+    cached_outputs,
     default_device_type,
     generate_missing,
     generation_cache,
-    model_fingerprint,
+    item_keys,
+    missing,
     prompt_key,
     resolve_dtype,
 )
 from rtune.eval.results import EVAL_INFO, metric, safe_name, write_result
+from rtune.fingerprint import model_fingerprint, output_environment
 from rtune.io import write_json_atomic
+from rtune.redact import redact_url
 
 if TYPE_CHECKING:
     from rtune.eval.judging import JudgeConfig
@@ -60,6 +65,7 @@ class EvalConfig:
     # lm-evaluation-harness tasks (rtune.eval.lm_eval), beside "core" in benches; local task folders.
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_include: list[str] = field(default_factory=list)
+    lm_eval_dtype: str = "checkpoint"  # checkpoint: the dtype lm_eval's own CLI loads the model in
 
 
 @dataclass
@@ -92,7 +98,7 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     templates: per model, the template of a plain model (None: config.template), e.g. the same base
     twice, as it is and in context: [base, base], templates=[None, "urial-r"]. A model prompted in
     context is labelled with its format (gemma-3-270m+urial-r) unless its label already ends so."""
-    from rtune.eval.benchmarks import load_benchmark
+    from rtune.eval.benchmarks import load_benchmark, local_names
     from rtune.infer.load import load_renderer
     from rtune.render import ICL_TEMPLATES
 
@@ -123,8 +129,13 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     lm_plan = LmEvalPlan.from_config(config)
     lm_plan.prepare(out_dir)
     # Everything that can fail fast, before any model is loaded: benchmarks, renderers, fingerprints.
-    benches = [load_benchmark(name, limit, config.seed) for name, limit in
-               (bench_and_limit(b, config.limit) for b in lm_plan.benches)]
+    specs = [bench_and_limit(b, config.limit) for b in lm_plan.benches]
+    names = local_names([spec for spec, _ in specs])
+    benches = [load_benchmark(spec, limit, config.seed, name=names.get(spec)) for spec, limit in specs]
+    seen = [b.name for b in benches]
+    if len(set(seen)) != len(seen):
+        twice = sorted({n for n in seen if seen.count(n) > 1})
+        raise RtuneError(f"--bench names {', '.join(twice)} more than once")
     device_type = default_device_type()
     out_dir = Path(out_dir)
     entries = []
@@ -139,7 +150,7 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
         "benchmarks": [b.info for b in benches] + ([{"name": "lm-eval", "tasks": lm_plan.tasks}] if lm_plan else []),
         "lm_eval": lm_plan.info(), "decoding": config.decoding.resolved(device_type),
         "limit": config.limit, "seed": config.seed, "ranking_k": config.ranking_k, "time": run_folder.now(),
-        "judge": None if config.judge is None else {"url": config.judge.url, "model": config.judge.model,
+        "judge": None if config.judge is None else {"url": redact_url(config.judge.url), "model": config.judge.model,
                                                     "kinds": config.judge.kinds, "reference": config.judge.reference},
     })
     # 1. Each model in turn: generations and model-based scores (a model is loaded only if needed).
@@ -164,12 +175,22 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
             if judged:
                 add_judgments(summary, item_rows, judged, loaded.label, name, config)
             summary["generation"] = d["counts"]
+            summary["environment"] = d["environment"]
             summary["timings"] = {**d["timings"], "metrics_s": round(d["timings"]["scores_s"]
                                                                      + time.perf_counter() - t, 2)}
-            write_result(out_dir, loaded.label, name, item_rows, summary)
+            folder = write_result(out_dir, loaded.label, name, item_rows, summary)
+            if d["bench"].info.get("builtin") and name == "alpacaeval":  # for alpaca_eval's own pipeline
+                from rtune.eval.benchmarks.alpacaeval import MODEL_OUTPUTS, export_model_outputs
+
+                export_model_outputs(d["bench"].items, [r["output"] for r in d["rows"]], loaded.label,
+                                     folder / MODEL_OUTPUTS)
             summaries.append(summary)
     if lm_plan:
         summaries += lm_plan.run(entries, config, out_dir, device_type)
+    if benches:
+        from rtune.eval.comparisons import write_comparisons
+
+        write_comparisons(out_dir, config.seed)
     return summaries
 
 
@@ -180,40 +201,55 @@ def add_judgments(summary: dict, item_rows: list[dict], judged: dict, label: str
     summary["metrics"].update(found["metrics"])
     for row, judgment in zip(item_rows, found["judgments"]):
         row["judgments"][config.judge.model] = judgment
-    summary["judges"]["llm"] = {"url": config.judge.url, "model": config.judge.model, "kinds": config.judge.kinds,
+    summary["judges"]["llm"] = {"url": redact_url(config.judge.url), "model": config.judge.model, "kinds": config.judge.kinds,
                                 "reference": judged["_reference"], "stats": judged["_stats"]}
 
 
 def collect(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, out_dir: Path, device_type: str) -> dict:
     """{bench name: {"bench", "rows", "scored", "counts", "timings"}}: generations and model-based scores."""
     timings: dict[str, float] = {}
-    cache = generation_cache(out_dir, fp, config.decoding, device_type)
-    scores = JsonlCache(out_dir / "cache" / fp["id"] / f"scores-{config.decoding.key(device_type)}.jsonl",
-                        SCORE_FIELDS)
+    environment = output_environment(device_type, quantization(loaded.spec), config.decoding.backend)
+    cache = generation_cache(out_dir, fp, config.decoding, device_type, environment)
+    scores = JsonlCache(out_dir / "cache" / fp["id"] /
+                        f"scores-{cache_name(config.decoding, device_type, environment)}.jsonl", SCORE_FIELDS)
     prompts = {b.name: [loaded.renderer.render_prompt(item.prompt) for item in b.items] for b in benches}
-    wanted = {prompt_key(ids): ids for ids_list in prompts.values() for ids in ids_list}
-    needs_model = any(k not in cache for k in wanted) or any(
-        _score_key(loaded, b, i, config) not in scores for b in benches for i in range(len(b.items))
+    # Per benchmark: its prompts alone decide its batches (rtune.eval.generation.fixed_batches).
+    wanted = {b.name: {prompt_key(ids): ids for ids in prompts[b.name]} for b in benches}
+    gen_keys = {b.name: item_keys(wanted[b.name], config.decoding) for b in benches}
+    score_keys = {b.name: [_score_key(b, i, config, gen_keys[b.name][prompt_key(ids)])
+                           for i, ids in enumerate(prompts[b.name])] for b in benches}
+    needs_model = any(missing(wanted[b.name], cache, config.decoding) for b in benches) or any(
+        score_keys[b.name][i] not in scores for b in benches for i in range(len(b.items))
         if _scored(loaded, b.items[i], config))
     if needs_model:
         t = time.perf_counter()
         load(loaded, config, device_type)
         timings["load_s"] = round(time.perf_counter() - t, 2)
-    counts = generate_missing(loaded, wanted, cache, config.decoding, config.progress) if needs_model else {
-        "items": len(wanted), "from_cache": len(wanted), "generated": 0, "corrupt_cache_lines": cache.corrupt}
-    log.info("%s: %d prompts, %d from the cache, %d generated (%d corrupt cache lines redone)", loaded.label,
-             counts["items"], counts["from_cache"], counts["generated"], counts["corrupt_cache_lines"])
-    if config.progress:
-        print(f"[eval] {loaded.label}: generations {counts['from_cache']} cached, {counts['generated']} generated, "
-              f"{counts['corrupt_cache_lines']} corrupt cache lines skipped and redone", flush=True)
     out = {}
+    total = {"from_cache": 0, "generated": 0}
     for bench in benches:
         t = time.perf_counter()
-        rows = [{"id": item.id, **cache.get(prompt_key(ids))} for item, ids in zip(bench.items, prompts[bench.name])]
-        scored = score_items(loaded, bench, prompts[bench.name], rows, scores, config)
+        counts = generate_missing(loaded, wanted[bench.name], cache, config.decoding, config.progress)
+        total = {k: total[k] + counts[k] for k in total}
+        found = cached_outputs(wanted[bench.name], cache, config.decoding)
+        rows = [{"id": item.id, **found[prompt_key(ids)]} for item, ids in zip(bench.items, prompts[bench.name])]
+        scored = score_items(loaded, bench, prompts[bench.name], rows, scores, score_keys[bench.name], config)
         out[bench.name] = {"bench": bench, "rows": rows, "scored": scored, "counts": counts,
-                           "timings": {**timings, "scores_s": round(time.perf_counter() - t, 2)}}
+                           "environment": environment,
+                           "timings": {**timings, "scores_s": round(time.perf_counter() - t - counts["seconds"], 2)}}
+    log.info("%s: %d from the cache, %d generated (%d corrupt cache lines redone)", loaded.label,
+             total["from_cache"], total["generated"], cache.corrupt)
+    if config.progress:
+        print(f"[eval] {loaded.label}: generations {total['from_cache']} cached, {total['generated']} generated, "
+              f"{cache.corrupt} corrupt cache lines skipped and redone", flush=True)
     return out
+
+
+def quantization(spec: str) -> str | None:
+    """"nf4" when a QLoRA run's base will load in 4 bits here (CUDA), else None (rtune.run_folder)."""
+    if run_folder.is_run_dir(spec):
+        return run_folder.base_quantization(run_folder.read_run_info(spec), "evaluating")
+    return None
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -288,20 +324,21 @@ def _scored(loaded: LoadedModel, item, config: EvalConfig) -> bool:
     return item.reference is not None or (config.shift and loaded.base_spec is not None)
 
 
-def _score_key(loaded: LoadedModel, bench, index: int, config: EvalConfig) -> str:
-    """Everything an item's scores depend on: prompt, reference, distractors (the set), settings."""
+def _score_key(bench, index: int, config: EvalConfig, generation_key: str) -> str:
+    """Everything an item's scores depend on: prompt, reference, distractors (the set), settings, and
+    the generation the shift is measured on (its cache key)."""
     item = bench.items[index]
     refs = [i.reference for i in bench.items] if item.reference is not None else []
-    text = json.dumps([item.prompt, item.reference, refs, config.ranking_k, config.seed, config.shift])
+    text = json.dumps([item.prompt, item.reference, refs, config.ranking_k, config.seed, config.shift,
+                       generation_key if config.shift else None])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def score_items(loaded: LoadedModel, bench, prompt_ids: list[list[int]], rows: list[dict], scores: JsonlCache,
-                config: EvalConfig) -> list[dict]:
+                keys: list[str], config: EvalConfig) -> list[dict]:
     """Per item: ranking / NLL values (items with references) and shift values (tuned models)."""
     from rtune.eval import instructability as ins
 
-    keys = [_score_key(loaded, bench, i, config) for i in range(len(bench.items))]
     todo = [i for i, item in enumerate(bench.items) if _scored(loaded, item, config) and keys[i] not in scores]
     if todo and loaded.model is not None and config.decoding.backend == "hf":
         values = {i: {} for i in todo}
@@ -354,28 +391,39 @@ def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scor
                     device_type: str) -> tuple[dict, list[dict]]:
     """(summary, per-item rows) of one model on one benchmark."""
     from rtune.eval.metrics.generation import generation_values, summarise_generation
-    from rtune.eval.metrics.intervals import mean_with_ci
+    from rtune.eval.metrics.intervals import estimate
     from rtune.eval.metrics.refusal import JUDGE, is_refusal, refusal_rates
 
     items = bench.items
     values = [generation_values(item.prompt, row) for item, row in zip(items, rows)]
+    refs = [i for i, item in enumerate(items) if item.reference is not None]
     if config.relevance:
         from rtune.eval.metrics.relevance import Embedder
 
         relevance = Embedder().relevance
         for v, r in zip(values, relevance([i.prompt for i in items], [row["output"] for row in rows])):
             v["relevance"] = r
-        refs = [i for i, item in enumerate(items) if item.reference is not None]
         if refs:
             rel = relevance([items[i].prompt for i in refs], [items[i].reference for i in refs])
             for i, r in zip(refs, rel):
                 values[i]["reference_relevance"] = r
+    if refs:  # reference-based quality: what the format heuristics cannot see
+        from rtune.eval.metrics.reference import rouge_l
+
+        for i in refs:
+            values[i]["rouge_l"] = rouge_l(rows[i]["output"], items[i].reference)
+        if config.relevance:
+            similarity = relevance([items[i].reference for i in refs], [rows[i]["output"] for i in refs])
+            for i, sim in zip(refs, similarity):
+                values[i]["reference_similarity"] = 0.0 if sim is None else sim  # an empty answer resembles nothing
     for v, s in zip(values, scored):
         v.update(s)
     refusals = [is_refusal(row["output"]) for row in rows]
     metrics = summarise_generation(values)
     metrics.update(refusal_rates(rows, [item.harmful for item in items]))
     labels = {
+        "rouge_l": ("ROUGE-L F1 against the reference (rouge-score, stemmed)", True),
+        "reference_similarity": ("similarity to the reference (MiniLM cosine)", True),
         "relevance": ("relevance (instruction-output cosine, MiniLM)", True),
         "reference_relevance": ("relevance of the reference responses (MiniLM)", None),
         "ranking_top1": ("response ranking: own response above all K others", True),
@@ -387,10 +435,13 @@ def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scor
         "shift_outside_top3": ("shift: answer token outside the base's top 3", None),
     }
     for name, (label, better) in labels.items():
-        value, ci, n = mean_with_ci([v.get(name) for v in values], seed=config.seed)
+        kind = "rate" if name.startswith(("ranking", "shift")) else "mean"
+        value, ci, n, method = estimate([v.get(name) for v in values], kind, seed=config.seed)
         if n:
-            kind = "rate" if name.startswith(("ranking", "shift")) else "mean"
-            metrics[name] = metric(value, ci, n, kind, label, better)
+            metrics[name] = metric(value, ci, n, kind, label, better, ci_method=method)
+    # What is least flattering leads: content against the reference before the format heuristics.
+    lead = [k for k in ("rouge_l", "reference_similarity") if k in metrics]
+    metrics = {k: metrics[k] for k in lead} | {k: v for k, v in metrics.items() if k not in lead}
     item_rows = [
         {"id": item.id, "prompt": item.prompt, "subset": item.subset, "harmful": item.harmful,
          "reference": item.reference, "output": row["output"], "finish_reason": row["finish_reason"],
@@ -405,7 +456,8 @@ def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scor
         "decoding": config.decoding.resolved(device_type),
         "judges": {"refusal": JUDGE},
         "settings": {"ranking_k": config.ranking_k, "shift": config.shift, "relevance": config.relevance,
-                     "bootstrap": "percentile, 95%, 2000 resamples, seed " + str(config.seed)},
+                     "intervals": "95%: Wilson for rates of 0/1 items, percentile bootstrap over items (2000 "
+                                  f"resamples, seed {config.seed}) for means; each metric's ci_method says which"},
         "metrics": metrics,
         "rtune_version": rtune.__version__,
         "time": run_folder.now(),

@@ -88,6 +88,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypedDict
 
 from rtune.eval.cache import JsonlCache
+from rtune.redact import redact_text, redact_url
 
 log = logging.getLogger("rtune.eval.judges")
 
@@ -344,7 +345,7 @@ class JudgeClient:
         self._failure_reasons: Counter = Counter()
 
     def __repr__(self) -> str:  # no API key here
-        return f"JudgeClient(base_url={self.base_url!r}, model={self.model!r}, cache_path={str(self.cache_path)!r})"
+        return f"JudgeClient(base_url={redact_url(self.base_url)!r}, model={self.model!r}, cache_path={str(self.cache_path)!r})"
 
     # -- keys and stats ---------------------------------------------------------------------------
     def cache_key(self, request: JudgeRequest) -> str:
@@ -378,7 +379,7 @@ class JudgeClient:
         return c
 
     def _mask(self, text: str) -> str:
-        text = str(text)
+        text = redact_text(str(text), self.base_url)
         if self._api_key and self._api_key != PLACEHOLDER_API_KEY:
             text = text.replace(self._api_key, "***")
         return text[:500]
