@@ -14,6 +14,8 @@ EXAMPLES = {
     "data prepare": "rtune data prepare --source alpaca-demo --out data/train.jsonl --limit 200 --holdout 12",
     "data mix-refusals": "rtune data mix-refusals data/train.jsonl --refusals builtin --n 100 --seed 0 "
                          "--out data/train+refusals100.jsonl",
+    "data refine": "rtune data refine data/train.jsonl --refiner-url http://127.0.0.1:8000/v1 "
+                   "--refiner-model Llama-3.1-70B-Instruct --out data/train.refined.jsonl",
     "data inspect": "rtune data inspect data/train.jsonl --model gemma-3-270m --method rt --index 0",
     "train": "rtune train --model gemma-3-270m --data data/train.jsonl --method rt --out runs/rt --config cpu",
     "merge": "rtune merge runs/rt --out models/rt-merged",
@@ -64,6 +66,21 @@ def cmd_data_mix_refusals(a) -> None:
         print(f"{s['refusals']}: {s['kept']} refusals, {s['after_filter']} after --filter {s['filter']}, "
               f"{s['sampled']} sampled (seed {s['seed']}) and appended to {s['training']} training records",
               file=sys.stderr)
+    print(json.dumps(s, indent=2, ensure_ascii=False))
+
+
+def cmd_data_refine(a) -> None:
+    from rtune.data.refine import RefineConfig, refine_file
+
+    config = RefineConfig(url=a.refiner_url, model=a.refiner_model, local=a.refiner, template=a.refiner_template,
+                          max_tokens=a.refiner_max_tokens, concurrency=a.refiner_concurrency,
+                          timeout=a.refiner_timeout)
+    s = refine_file(a.data, a.out, config)
+    print(f"refined {s['records']} records: {s['rewritten']} rewritten, {s['no_marker']} without the marker, "
+          f"{s['cut']} cut at the token limit, {s['empty']} empty, {s['failed']} failed (kept as they were); "
+          f"extraction rate {s['extraction_rate']:.1%}; mean length {s['mean_chars_before']:.0f} -> "
+          f"{s['mean_chars_after']:.0f} characters; {s['asked']} asked, {s['from_cache']} from the cache",
+          file=sys.stderr)
     print(json.dumps(s, indent=2, ensure_ascii=False))
 
 
@@ -335,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let models run their own Python code from the hub or their folder (off by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="prepare and inspect training data")
+    data = sub.add_parser("data", help="prepare, refine, mix and inspect training data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = _parser(data_sub, "data prepare", "normalise a dataset into rtune JSONL records",
                 "Write {id, instruction, response, source} records. SRC: alpaca, dolly, lima (hub), "
@@ -370,6 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rt", "it", "rt-empty-user"], default="rt",
                    help="the method the mix is for: it needs an instruction with every refusal (default rt)")
     p.set_defaults(func=cmd_data_mix_refusals)
+
+    p = _parser(data_sub, "data refine", "rewrite responses with a strong instruct model (clarity, structure, tone)",
+                "Each response is shown with its request to the refiner, which reviews it and writes 'Refined "
+                "response:' and the improved text; the original stays in 'source_response'. Any OpenAI-compatible "
+                "endpoint (key from RTUNE_REFINER_API_KEY or OPENAI_API_KEY) or a local model. Resumable: replies "
+                "are cached in OUT.refine-cache.jsonl as they arrive.")
+    p.add_argument("data", metavar="DATA", help="rtune JSONL from `rtune data prepare`")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--refiner-url", default=None, metavar="URL", help="an OpenAI-compatible endpoint (.../v1)")
+    p.add_argument("--refiner-model", default=None, metavar="NAME", help="the model the endpoint serves")
+    p.add_argument("--refiner", default=None, metavar="MODEL_OR_RUN", help="or a local model (rtune's generation)")
+    p.add_argument("--refiner-template", default=None, help="the local model's template (default: its own chat "
+                                                           "template)")
+    p.add_argument("--refiner-max-tokens", type=int, default=2048)
+    p.add_argument("--refiner-concurrency", type=int, default=8)
+    p.add_argument("--refiner-timeout", type=float, default=300.0, help="seconds per request")
+    p.set_defaults(func=cmd_data_refine)
 
     p = _parser(data_sub, "data inspect", "show a rendered record with its trained tokens highlighted")
     p.add_argument("file")
