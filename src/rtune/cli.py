@@ -26,6 +26,7 @@ EXAMPLES = {
             "--limit 100 --out evals/demo",
     "model fetch": "rtune model fetch gemma-3-270m",
     "report": "rtune report evals/demo --out reports/demo",
+    "experiment": "rtune experiment examples/cpu-grid.yaml --out experiments/cpu-grid",
     "serve": "rtune serve runs/rt --port 8000",
 }
 
@@ -335,11 +336,32 @@ def cmd_demo(a) -> None:
 
 
 def cmd_report(a) -> None:
+    from pathlib import Path
+
     from rtune.report import build_report
 
-    path = build_report(a.eval_dirs, a.out)
+    experiments = [d for d in a.eval_dirs if (Path(d) / "cells.json").is_file()]
+    if experiments:  # an experiment folder: its reproduction report
+        from rtune.experiment.report import build_reproduction_report
+
+        if len(a.eval_dirs) != 1:
+            raise RtuneError("an experiment folder is reported alone: rtune report EXPERIMENT_DIR --out DIR")
+        path = build_reproduction_report(experiments[0], a.out, paper=a.paper)
+    else:
+        if a.paper:
+            raise RtuneError("--paper goes with an experiment folder (rtune experiment's output)")
+        path = build_report(a.eval_dirs, a.out)
     print(path)
     print(path.with_suffix(".html"))
+
+
+def cmd_experiment(a) -> None:
+    from pathlib import Path
+
+    from rtune.experiment import run_experiment
+
+    out = a.out or str(Path("experiments") / Path(a.grid).stem)
+    run_experiment(a.grid, out, executor=a.executor, paper=a.paper, dry_run=a.dry_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -546,7 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
                 "Write report.md, report.html and PNG plots into --out. Several EVAL_DIRs merge into one report.")
     p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--paper", action="store_true",
+                   help="an experiment folder: the paper's figures beside ours where a cell matches")
     p.set_defaults(func=cmd_report)
+
+    p = _parser(sub, "experiment", "run a grid of models x data x methods x refusal mixtures x refinement",
+                "Every cell of GRID.yaml is prepared, trained and evaluated (each stage keyed by its inputs and "
+                "skipped when done, so a killed run resumes), then RT vs IT and refined vs original are compared "
+                "and a reproduction report is written to OUT/report.")
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: experiments/<grid file name>")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: cells one after another here; slurm: one SLURM job per cell (submitit)")
+    p.add_argument("--paper", action="store_true", help="the paper's figures beside ours in the report")
+    p.add_argument("--dry-run", action="store_true", help="print the cells, what is done and the estimated cost")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

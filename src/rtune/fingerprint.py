@@ -109,7 +109,7 @@ def hub_commit(repo_id: str) -> str:
                      "model is not in the local hub cache; download it once, or pass a local folder")
 
 
-def _weights(spec: str) -> dict:
+def weights_identity(spec: str) -> dict:
     """What identifies a plain model spec's weights."""
     from rtune.models import resolve_model
 
@@ -130,11 +130,11 @@ def model_fingerprint(spec: str, renderer) -> dict:
         info = run_folder.read_complete_run_info(spec, "finish training first (rtune train --resume)")
         fp.update(kind="run", method=info["method"], weights=folder_digest(run_folder.weights_dir(spec, info)))
         if info["weights"] == "adapter":
-            fp["base"] = {"spec": info["base_model"]["load"], **_weights(info["base_model"]["load"])}
+            fp["base"] = {"spec": info["base_model"]["load"], **weights_identity(info["base_model"]["load"])}
     elif run_folder.is_merged_dir(spec):
         fp.update(kind="merged", weights=folder_digest(spec))
     else:
-        fp.update(_weights(spec))
+        fp.update(weights_identity(spec))
     fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     return fp
 

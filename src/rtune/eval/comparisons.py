@@ -59,30 +59,37 @@ LABELS = dict(PAIRED_VALUES) | {
 }
 
 
+def compare_rows(rows_a: list[dict], rows_b: list[dict], seed: int = 0) -> dict:
+    """{value key: {"value", "ci", "n", "ci_method", "label"}}: A - B over the items (by id) both answered."""
+    a = {str(r["id"]): _item_values(r) for r in rows_a}
+    b = {str(r["id"]): _item_values(r) for r in rows_b}
+    ids = [k for k in a if k in b]
+    keys = sorted({k for v in a.values() for k in v} & {k for v in b.values() for k in v})
+    out = {}
+    for key in keys:
+        d = paired_difference([a[i].get(key) for i in ids], [b[i].get(key) for i in ids], seed=seed)
+        if d is not None:
+            out[key] = {**d, "label": LABELS.get(key, key)}
+    return out
+
+
 def compare(eval_dir: str | Path, seed: int = 0) -> dict:
     """{bench: {"A - B": {value key: {"value", "ci", "n", "ci_method", "label"}}}} over the folder's results."""
     eval_dir = Path(eval_dir)
     info = json.loads((eval_dir / EVAL_INFO).read_text(encoding="utf-8")) if (eval_dir / EVAL_INFO).is_file() else {}
     order = list(info.get("models", {}))
-    found: dict = {}  # bench -> model -> {item id: values}
+    found: dict = {}  # bench -> model -> items.jsonl rows
     for items_file in sorted((eval_dir / "results").glob("*/*/items.jsonl")):
         model, bench = items_file.parent.parent.name, items_file.parent.name
         if bench == "lm-eval":
             continue
-        found.setdefault(bench, {})[model] = {str(r["id"]): _item_values(r) for r in read_items(items_file.parent)}
+        found.setdefault(bench, {})[model] = read_items(items_file.parent)
     out: dict = {}
     for bench, models in sorted(found.items()):
         names = sorted(models, key=lambda m: (order.index(m) if m in order else len(order), m))
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                ids = [k for k in models[a] if k in models[b]]
-                keys = sorted({k for v in models[a].values() for k in v} & {k for v in models[b].values() for k in v})
-                pair = {}
-                for key in keys:
-                    d = paired_difference([models[a][k].get(key) for k in ids], [models[b][k].get(key) for k in ids],
-                                          seed=seed)
-                    if d is not None:
-                        pair[key] = {**d, "label": LABELS.get(key, key)}
+                pair = compare_rows(models[a], models[b], seed)
                 if pair:
                     out.setdefault(bench, {})[f"{a} - {b}"] = pair
     return out

@@ -17,7 +17,6 @@ cached (a re-run asks it again) and counts as unparseable in the metrics.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
