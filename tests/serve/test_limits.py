@@ -97,11 +97,11 @@ def test_the_openai_client_sees_the_limits_and_the_models_fingerprint(small_limi
     reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0)
     assert reply.usage.completion_tokens <= 8
 
-    from rtune.eval.generation import model_fingerprint
+    from rtune.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(engine.spec, engine.renderer)["id"]
     card = client.models.list().data[0]
-    assert (card.rtune_fingerprint, card.dtype) == (fingerprint, "fp32")
+    assert (card.rtune_fingerprint, card.dtype, card.device) == (fingerprint, "fp32", "cpu")
     assert reply.system_fingerprint == fingerprint
     done = client.completions.create(model="m", prompt="hi", max_tokens=2, extra_body={"stop_token_ids": [5]})
     assert done.system_fingerprint == fingerprint

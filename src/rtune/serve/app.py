@@ -469,7 +469,8 @@ def _stream(served: Served, job: Job, chunk, final_chunks) -> StreamingResponse:
 
 def _model_card(request: Request, engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": request.app.state.started, "owned_by": "rtune",
-            "max_model_len": engine.context, "dtype": engine.dtype, "rtune_fingerprint": engine.fingerprint}
+            "max_model_len": engine.context, "dtype": engine.dtype, "device": engine.device.type,
+            "rtune_fingerprint": engine.fingerprint}
 
 
 # -- routes -------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 
 def fingerprint_id(spec: str, renderer) -> str:
     """The model's output fingerprint, as `rtune eval` keys its cache (weights and template)."""
-    from rtune.eval.generation import model_fingerprint  # imported late: the eval package is heavy
+    from rtune.fingerprint import model_fingerprint  # imported here: only a server that names its spec needs it
 
     return model_fingerprint(spec, renderer)["id"]
 
