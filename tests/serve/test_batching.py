@@ -201,3 +201,43 @@ def test_stop_strings_are_found_where_they_complete():
 ])  # fmt: skip
 def test_what_a_stream_holds_back(text, strings, backticks, held):
     assert held_back(text, strings, backticks) == held
+
+
+def test_a_long_prompt_is_fed_in_chunks_between_the_running_rows_steps(tiny_model_path, monkeypatch):
+    """A long prompt holds the running rows for one chunk at a time, and its reply is unchanged."""
+    import rtune.serve.scheduler as scheduler_module
+    from rtune.infer.load import load_for_inference
+
+    monkeypatch.setattr(scheduler_module, "PREFILL_CHUNK_TOKENS", 16)
+    model, tok, renderer = load_for_inference(str(tiny_model_path), dtype=torch.float32, device="cpu")
+    engine = Engine(model, tok, renderer, "m")
+    shapes = []
+    forward = engine.forward
+    engine.forward = lambda ids, *rest: shapes.append(tuple(ids.shape)) or forward(ids, *rest)
+    long_text = " ".join(PROMPTS * 4)
+    long_prompt = renderer.render_chat_prompt([{"role": "user", "content": long_text}])
+    assert len(long_prompt) > 10 * 16
+    expected = generate_ids(model, tok, renderer, [long_prompt], GenerationConfig(max_new_tokens=8))[0].text
+    app = create_app(engine, batch_wait_ms=0)
+    running = {"model": "m", "messages": [{"role": "user", "content": "Give three tips"}], "temperature": 0,
+               "max_tokens": 300}
+
+    async def beside():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        try:
+            first = asyncio.create_task(_send(client, "stream", running))
+            while not any(s == (1, 1) for s in shapes):  # the stream is stepping
+                await asyncio.sleep(0.005)
+            body = {"model": "m", "messages": [{"role": "user", "content": long_text}], "temperature": 0,
+                    "max_tokens": 8}
+            return await _send(client, "chat", body), await first
+        finally:
+            await client.close()
+
+    with ServerThread(app) as server:
+        (text, _, _), _ = asyncio.run(beside())
+    assert text == expected
+    chunks = [i for i, s in enumerate(shapes) if s == (1, 16)]
+    assert len(chunks) >= 10
+    steps_between = [s for s in shapes[chunks[0] : chunks[-1]] if s[1] == 1]
+    assert len(steps_between) >= len(chunks) - 1  # a decode step of the stream between every two chunks

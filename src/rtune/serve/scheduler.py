@@ -4,9 +4,11 @@ One Scheduler drives one Engine on its own model thread (a server with several m
 scheduler per engine). Each iteration of its loop:
 
 1. drops the rows and waiting jobs whose client went away (`Job.cancelled`);
-2. admits waiting jobs while the batch has room (`max_batch_size` rows; at most `PREFILL_TOKENS`
-   prompt tokens per iteration, at least one job), prefills them together as a left-padded batch,
-   chooses their first tokens and merges their KV cache into the running batch (rtune.serve.kvbatch);
+2. admits waiting jobs while the batch has room (`max_batch_size` rows, the group's padded prompts
+   within `PREFILL_GROUP_TOKENS`, at least one job) as a left-padded group, and feeds the group's
+   prompts one chunk of at most `PREFILL_CHUNK_TOKENS` tokens per iteration, so a long prompt holds
+   the running rows for one chunk at a time, not for its whole prefill; once fed, the group's first
+   tokens are chosen and its KV cache merged into the running batch (rtune.serve.kvbatch);
 3. steps the running batch once: one forward for all rows, each row's token chosen with its own
    settings (rtune.serve.sampling), its text checked for its own stop strings (rtune.serve.text)
    and, for a stream, the new text sent; finished rows leave the batch at once.
@@ -38,7 +40,8 @@ from rtune.serve.text import ReplyText, StopSet
 
 logger = logging.getLogger("rtune.serve")
 
-PREFILL_TOKENS = 4096  # prompt tokens prefilled per iteration (the running rows wait meanwhile)
+PREFILL_GROUP_TOKENS = 4096  # a group of new prompts, padded, at most (at least one prompt): little padding waste
+PREFILL_CHUNK_TOKENS = 512  # prompt tokens fed per iteration (the running rows wait meanwhile)
 
 
 class QueueFull(Exception):
@@ -67,6 +70,17 @@ class _Row:
     shown: int = 0  # characters of text already streamed
 
 
+@dataclass(eq=False)
+class _Filling:
+    """A group of new jobs whose prompts are being fed, a chunk per iteration (model thread only)."""
+
+    jobs: list[Job]
+    ids: torch.Tensor  # [jobs, columns not fed yet], left-padded
+    mask: torch.Tensor  # the same columns' attention mask
+    positions: torch.Tensor  # and position ids
+    kv: KVBatch | None = None  # the columns fed so far
+
+
 class Scheduler:
     def __init__(self, engine: Engine, *, max_batch_size: int = 16, max_queue: int = 64, max_wait_s: float = 0.01):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
@@ -79,8 +93,9 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._rows: list[_Row] = []  # model thread only, as is _kv
+        self._rows: list[_Row] = []  # model thread only, as are _kv and _filling
         self._kv: KVBatch | None = None
+        self._filling: _Filling | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._request_seconds = 0.0  # moving average of a request's time from admission, for Retry-After
@@ -175,23 +190,28 @@ class Scheduler:
             while not self._stopping.is_set():
                 self._wake.clear()
                 self._drop_cancelled()
-                new = self._admit()
-                if new:
-                    self._guarded(self._prefill, new)
+                if self._filling is None:
+                    self._guarded(self._start_filling, self._admit())
+                if self._filling is not None:
+                    self._guarded(self._fill, self._filling.jobs)
                 if self._rows:
                     self._guarded(self._step)
-                elif not new:
+                elif self._filling is None:
                     self._wake.wait(0.5)
         self._fail_all(ShuttingDown())
 
     def _guarded(self, step, jobs: list[Job] | None = None) -> None:
         """Run a step; on an error its jobs (None: the running batch) fail and the loop goes on."""
+        if jobs is not None and not jobs:
+            return
         try:
             step() if jobs is None else step(jobs)
         except Exception as e:  # noqa: BLE001 - each request answers with the error; the server goes on
             logger.error("generation failed", exc_info=e)
             failed = jobs if jobs is not None else [r.job for r in self._rows]
             ids = set(map(id, failed))
+            if self._filling is not None and any(id(j) in ids for j in self._filling.jobs):
+                self._filling = None
             self._keep([r for r in self._rows if id(r.job) not in ids])
             for job in failed:
                 self.stats["failed"] += 1
@@ -200,9 +220,10 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             left, self._waiting = list(self._waiting), deque()
-        for job in [r.job for r in self._rows] + left:
+        filling = self._filling.jobs if self._filling is not None else []
+        for job in [r.job for r in self._rows] + filling + left:
             self._settle(job, error=error)
-        self._rows, self._kv = [], None
+        self._rows, self._kv, self._filling = [], None, None
 
     def _keep(self, rows: list[_Row]) -> None:
         """The running batch becomes `rows` (a subset of it, in order)."""
@@ -216,12 +237,25 @@ class Scheduler:
         self._rows = rows
 
     def _drop_cancelled(self) -> None:
-        gone = [r for r in self._rows if r.job.cancelled]
+        gone = [r.job for r in self._rows if r.job.cancelled]
         if gone:
             self._keep([r for r in self._rows if not r.job.cancelled])
-            for row in gone:
-                self.stats["cancelled"] += 1
-                self._settle(row.job, cancel=True)
+        filling = self._filling
+        if filling is not None and any(j.cancelled for j in filling.jobs):
+            keep = [i for i, j in enumerate(filling.jobs) if not j.cancelled]
+            gone += [j for j in filling.jobs if j.cancelled]
+            if not keep:
+                self._filling = None
+            else:
+                index = torch.tensor(keep)
+                filling.jobs = [filling.jobs[i] for i in keep]
+                filling.ids, filling.mask = filling.ids[index], filling.mask[index]
+                filling.positions = filling.positions[index]
+                if filling.kv is not None:
+                    filling.kv.keep(keep)
+        for job in gone:
+            self.stats["cancelled"] += 1
+            self._settle(job, cancel=True)
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit in the batch (oldest first); an idle model first waits max_wait_s for company."""
@@ -230,44 +264,56 @@ class Scheduler:
             if wait > 0 and len(self._waiting) < self.max_batch_size:
                 self._stopping.wait(wait)
         taken: list[Job] = []
-        tokens = 0
+        width = 0
         with self._lock:
             while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
-                n = len(self._waiting[0].prompt_ids)
-                if taken and tokens + n > PREFILL_TOKENS:
+                wider = max(width, len(self._waiting[0].prompt_ids))
+                if taken and wider * (len(taken) + 1) > PREFILL_GROUP_TOKENS:
                     break
                 taken.append(self._waiting.popleft())
-                tokens += n
+                width = wider
         return taken
 
-    def _prefill(self, jobs: list[Job]) -> None:
-        """Feed the new jobs' prompts as one left-padded batch, choose their first tokens, and let the
-        ones that go on join the running batch."""
-        engine = self.engine
+    def _start_filling(self, jobs: list[Job]) -> None:
+        """The new jobs as a left-padded group to feed (a job of max_tokens 0 is answered at once)."""
         for job in [j for j in jobs if j.settings.max_tokens == 0]:  # the prompt's log-probs only
-            self._finish_job(job, [], engine.stops(job.settings), time.monotonic())
+            self._finish_job(job, [], self.engine.stops(job.settings), time.monotonic())
         jobs = [j for j in jobs if j.settings.max_tokens > 0]
         if not jobs:
             return
         width = max(len(j.prompt_ids) for j in jobs)
-        input_ids = torch.full((len(jobs), width), engine.pad_id, dtype=torch.long)
+        ids = torch.full((len(jobs), width), self.engine.pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, job in enumerate(jobs):
-            input_ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[i, width - len(job.prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = engine.new_cache()
-        logits = engine.forward(input_ids, mask, positions, cache)
-        kv = KVBatch(cache, mask.to(engine.device))
+        self._filling = _Filling(jobs, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+
+    def _fill(self, jobs: list[Job]) -> None:
+        """Feed the filling group's next chunk; after its last, choose the first tokens and let the rows
+        that go on join the running batch."""
+        f = self._filling
+        columns = max(1, PREFILL_CHUNK_TOKENS // len(jobs))
+        ids, mask, positions = f.ids[:, :columns], f.mask[:, :columns], f.positions[:, :columns]
+        f.ids, f.mask, f.positions = f.ids[:, columns:], f.mask[:, columns:], f.positions[:, columns:]
+        device = self.engine.device
+        if f.kv is None:
+            f.kv = KVBatch(self.engine.new_cache(), mask.to(device))
+        else:
+            f.kv.mask = torch.cat([f.kv.mask, mask.to(device)], dim=1)
+        logits = self.engine.forward(ids, f.kv.mask, positions, f.kv.cache)
+        if f.ids.shape[1]:
+            return  # more to feed at the next iteration
+        self._filling = None
         rows = [self._new_row(job) for job in jobs]
         going = self._advance(rows, logits)
         if going:
-            kv.keep([i for i, r in enumerate(rows) if r in going])
+            f.kv.keep([i for i, r in enumerate(rows) if r in going])
             if self._rows:
                 self.stats["joined_running"] += len(going)
-                self._kv.join(kv)
+                self._kv.join(f.kv)
             else:
-                self._kv = kv
+                self._kv = f.kv
             self._rows = self._rows + going
 
     def _new_row(self, job: Job) -> _Row:
