@@ -427,7 +427,8 @@ async def _results(request: Request, served: Served, jobs: list[Job]) -> list[Re
         raise _failure(e) from None
 
 
-_GONE = Response(status_code=499)  # nobody reads it: the client has gone
+def _gone() -> Response:
+    return Response(status_code=499)  # nobody reads it: the client has gone
 
 
 def _stream(served: Served, job: Job, chunk, final_chunks) -> StreamingResponse:
@@ -501,11 +502,8 @@ async def get_model(request: Request, model_id: str):
     return _model_card(request, _served(request, model_id).engine)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    req: ChatRequest = parse_body(ChatRequest, await request.body())
-    served = _served(request, req.model)
-    engine = served.engine
+def _chat_messages(req: ChatRequest) -> list[dict]:
+    """The request's conversation as rtune's renderer takes it (after refusing what it cannot answer)."""
     _refuse_unsupported(req)
     if req.tools:
         raise ApiError(400, "tools are not supported", "tools", "unsupported")
@@ -521,6 +519,15 @@ async def chat_completions(request: Request):
             raise ApiError(400, f"'messages[{i}].content' must be text", f"messages[{i}].content", "invalid_value")
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req: ChatRequest = parse_body(ChatRequest, await request.body())
+    served = _served(request, req.model)
+    engine = served.engine
+    messages = _chat_messages(req)
     prompt = await _render(request, engine.chat_prompt, messages, param="messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if requested == 0:
@@ -552,7 +559,7 @@ async def chat_completions(request: Request):
 
     done = await _results(request, served, [job])
     if done is None:
-        return _GONE
+        return _gone()
     (result,) = done
     return JSONResponse({**head, "object": "chat.completion", "usage": usage(result),
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -626,7 +633,7 @@ async def completions(request: Request):
 
     done = await _results(request, served, jobs)
     if done is None:
-        return _GONE
+        return _gone()
     choices = [{"index": i, "text": (text if req.echo else "") + result.text, "finish_reason": result.finish_reason,
                 "logprobs": completion_logprobs(result.logprobs) if result.logprobs is not None else None}
                for i, ((text, _, _), result) in enumerate(zip(prompts, done))]
