@@ -163,9 +163,10 @@ class Scheduler:
         self._wake.set()
 
     def snapshot(self) -> dict:
-        return {"queued": self.queued, "running": self.running, "steps": self.stats["steps"],
-                "step_rows": {str(k): v for k, v in sorted(self.step_rows.items())},
-                **{k: self.stats[k] for k in ("mixed_steps", "joined_running", "finished", "cancelled", "failed")},
+        stats, rows = dict(self.stats), dict(self.step_rows)  # copies in one step: the model thread adds to them
+        return {"queued": self.queued, "running": self.running, "steps": stats.get("steps", 0),
+                "step_rows": {str(k): v for k, v in sorted(rows.items())},
+                **{k: stats.get(k, 0) for k in ("mixed_steps", "joined_running", "finished", "cancelled", "failed")},
                 "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
 
     # -- handing results to the event loop --------------------------------------------------------
@@ -253,8 +254,9 @@ class Scheduler:
                 filling.positions = filling.positions[index]
                 if filling.kv is not None:
                     filling.kv.keep(keep)
+        with self._lock:  # cancel() counts too, from the event loop
+            self.stats["cancelled"] += len(gone)
         for job in gone:
-            self.stats["cancelled"] += 1
             self._settle(job, cancel=True)
 
     def _admit(self) -> list[Job]:
