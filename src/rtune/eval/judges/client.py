@@ -34,7 +34,8 @@ are never cached, so a re-run asks them again.
 
 Retry policy
 ------------
-Every attempt is one HTTP request, at most `concurrency` in flight, each bounded by `timeout`
+The requests go through rtune.transport (shared with generation through endpoints), whose policy is:
+every attempt is one HTTP request, at most `concurrency` in flight, each bounded by `timeout`
 seconds in all. An attempt fails for one of these reasons (the keys of stats["errors"],
 stats["retries"] and stats["failure_reasons"]):
   transient   "timeout" (no complete answer within `timeout`, or HTTP 408), "connection" (refused,
@@ -73,29 +74,34 @@ and share the result (stats["duplicates"]).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
-import math
 import os
-import random
-import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypedDict
+from typing import Any, Iterable, TypedDict
 
 from rtune.eval.cache import JsonlCache
-from rtune.redact import redact_text, redact_url
+from rtune.redact import redact_url
+# The transport (retries, Retry-After, timeouts, replicas) is shared with generation through endpoints;
+# its names stay importable from here.
+from rtune.transport import (  # noqa: F401
+    PERSISTENT,
+    PLACEHOLDER_API_KEY,
+    TRANSIENT,
+    AttemptError,
+    Transport,
+    backoff_delay,
+    is_number,
+    parse_retry_after,
+    run_sync,
+)
+
+_AttemptError = AttemptError  # the name tests and older callers use
 
 log = logging.getLogger("rtune.eval.judges")
-
-PLACEHOLDER_API_KEY = "rtune-no-key"
-
-TRANSIENT = frozenset({"timeout", "connection", "rate_limit", "server_error", "conflict"})
-PERSISTENT = frozenset({"client_error", "invalid_response"})
 
 # Request params passed to the SDK by name; any other key goes in the request body as is (extra_body),
 # e.g. vLLM's "top_k". "stream", "n" and the request's own fields are refused.
@@ -172,122 +178,62 @@ class JudgeResult(TypedDict):
     attempts: int
 
 
-def backoff_delay(retry: int, *, backoff: float, max_backoff: float, retry_after: float | None = None,
-                  rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before retry number `retry` (0-based).
-
-    The server's Retry-After when given (capped at max_backoff), else full jitter:
-    uniform(0, min(max_backoff, backoff * 2**retry)).
-    """
-    if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
-        return min(retry_after, max_backoff)
-    ceiling = min(max_backoff, backoff * (2.0 ** min(retry, 60)))
-    return rand() * ceiling
-
-
-def parse_retry_after(headers) -> float | None:
-    """Seconds from Retry-After-Ms / Retry-After (a number of seconds or an HTTP date), else None."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            if name == "retry-after-ms":
-                continue
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError, IndexError):
-                return None
-            if when is None:
-                return None
-            seconds = when.timestamp() - time.time()
-            return max(seconds, 0.0)
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    return None
-
-
-class _AttemptError(Exception):
-    def __init__(self, reason: str, detail: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.detail, self.retry_after = reason, detail, retry_after
-
-
-def _status_reason(status: int) -> str:
-    if status == 429:
-        return "rate_limit"
-    if status == 408:
-        return "timeout"
-    if status == 409:
-        return "conflict"
-    if status >= 500:
-        return "server_error"
-    return "client_error"
-
-
 def _parse_top_logprobs(choice: dict) -> list[list[dict]] | None:
     """Per generated position, the top alternatives as [{"token", "logprob"}]; None when the endpoint gave none."""
     lp = choice.get("logprobs")
     if lp is None:
         return None
     if not isinstance(lp, dict):
-        raise _AttemptError("invalid_response", "choices[0].logprobs is not an object")
+        raise AttemptError("invalid_response", "choices[0].logprobs is not an object")
     content = lp.get("content")
     if content is None:
         return None
     if not isinstance(content, list):
-        raise _AttemptError("invalid_response", "choices[0].logprobs.content is not a list")
+        raise AttemptError("invalid_response", "choices[0].logprobs.content is not a list")
     positions = []
     for pos in content:
-        if not isinstance(pos, dict) or not isinstance(pos.get("token"), str) or not _is_number(pos.get("logprob")):
-            raise _AttemptError("invalid_response", "a logprobs.content entry lacks token/logprob")
+        if not isinstance(pos, dict) or not isinstance(pos.get("token"), str) or not is_number(pos.get("logprob")):
+            raise AttemptError("invalid_response", "a logprobs.content entry lacks token/logprob")
         alternatives = pos.get("top_logprobs") or []
         if not isinstance(alternatives, list):
-            raise _AttemptError("invalid_response", "logprobs.content[].top_logprobs is not a list")
+            raise AttemptError("invalid_response", "logprobs.content[].top_logprobs is not a list")
         out = []
         for alt in alternatives:
-            if not isinstance(alt, dict) or not isinstance(alt.get("token"), str) or not _is_number(alt.get("logprob")):
-                raise _AttemptError("invalid_response", "a top_logprobs entry lacks token/logprob")
+            if not isinstance(alt, dict) or not isinstance(alt.get("token"), str) or not is_number(alt.get("logprob")):
+                raise AttemptError("invalid_response", "a top_logprobs entry lacks token/logprob")
             out.append({"token": alt["token"], "logprob": float(alt["logprob"])})
         positions.append(out or [{"token": pos["token"], "logprob": float(pos["logprob"])}])
     return positions
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def parse_chat_completion(body: str, want_logprobs: bool) -> dict:
     """A chat-completion body -> {"text", "top_logprobs", "usage", "finish_reason", "response_model",
-    "usage_reported"}; raises _AttemptError("invalid_response") for anything else."""
+    "usage_reported"}; raises AttemptError("invalid_response") for anything else."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, ValueError) as e:
-        raise _AttemptError("invalid_response", f"body is not JSON ({e.msg if hasattr(e, 'msg') else e}), "
+        raise AttemptError("invalid_response", f"body is not JSON ({e.msg if hasattr(e, 'msg') else e}), "
                                                 f"{len(body)} chars") from None
     if not isinstance(data, dict):
-        raise _AttemptError("invalid_response", "body is not a JSON object")
+        raise AttemptError("invalid_response", "body is not a JSON object")
     if "error" in data and "choices" not in data:
-        raise _AttemptError("invalid_response", f"error object in a 2xx response: {str(data['error'])[:200]}")
+        raise AttemptError("invalid_response", f"error object in a 2xx response: {str(data['error'])[:200]}")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise _AttemptError("invalid_response", "no choices[0]")
+        raise AttemptError("invalid_response", "no choices[0]")
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         refusal = message.get("refusal") if isinstance(message, dict) else None
-        raise _AttemptError("invalid_response", "no choices[0].message.content string"
+        raise AttemptError("invalid_response", "no choices[0].message.content string"
                             + (f" (refusal: {str(refusal)[:200]})" if refusal else ""))
     finish_reason = choice.get("finish_reason")
     if finish_reason is not None and not isinstance(finish_reason, str):
-        raise _AttemptError("invalid_response", "choices[0].finish_reason is not a string")
+        raise AttemptError("invalid_response", "choices[0].finish_reason is not a string")
     top = _parse_top_logprobs(choice) if want_logprobs else None
     usage = data.get("usage")
-    reported = (isinstance(usage, dict) and _is_number(usage.get("prompt_tokens"))
-                and _is_number(usage.get("completion_tokens")))
+    reported = (isinstance(usage, dict) and is_number(usage.get("prompt_tokens"))
+                and is_number(usage.get("completion_tokens")))
     model = data.get("model")
     return {
         "text": message["content"],
@@ -312,37 +258,25 @@ class JudgeClient:
                  api_key_env: str = "RTUNE_JUDGE_API_KEY", concurrency: int = 8, timeout: float = 60.0,
                  max_retries: int = 6, max_invalid_retries: int = 2, backoff: float = 1.0,
                  max_backoff: float = 30.0, price_per_million: tuple[float, float] | None = None):
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if max_retries < 0 or max_invalid_retries < 0:
-            raise ValueError("max_retries and max_invalid_retries must be >= 0")
-        if timeout <= 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError("timeout must be > 0, backoff and max_backoff >= 0")
         if price_per_million is not None:
             price_per_million = (float(price_per_million[0]), float(price_per_million[1]))
+        # The transport checks the settings and owns the API key (held privately, never logged).
+        self.transport = Transport(str(base_url), api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                                   max_retries=max_retries, max_invalid_retries=max_invalid_retries, backoff=backoff,
+                                   max_backoff=max_backoff)
         self.base_url = str(base_url)
         self.model = model
         self.cache_path = Path(cache_path)
         self.api_key_env = api_key_env
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.max_invalid_retries = int(max_invalid_retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
         self.price_per_million = price_per_million
-        key = os.environ.get(api_key_env) or os.environ.get("OPENAI_API_KEY")
-        self._api_key = key or PLACEHOLDER_API_KEY
-        self.api_key_source = api_key_env if os.environ.get(api_key_env) else (
-            "OPENAI_API_KEY" if key else "placeholder")
+        self.api_key_source = self.transport.api_key_source
         self._counts: dict[str, Any] = {
-            "items": 0, "duplicates": 0, "cache_hits": 0, "cache_corrupt_lines": 0, "requests_sent": 0,
+            "items": 0, "duplicates": 0, "cache_hits": 0, "cache_corrupt_lines": 0,
             "successes": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0,
             "responses_without_usage": 0, "wall_s": 0.0,
         }
-        self._errors: Counter = Counter()
-        self._retries: Counter = Counter()
-        self._failure_reasons: Counter = Counter()
 
     def __repr__(self) -> str:  # no API key here
         return f"JudgeClient(base_url={redact_url(self.base_url)!r}, model={self.model!r}, cache_path={str(self.cache_path)!r})"
@@ -364,10 +298,10 @@ class JudgeClient:
         price_per_million, api_key_source (the variable's name, never its value).
         """
         c = dict(self._counts)
-        c["errors"] = dict(sorted(self._errors.items()))
-        c["retries"] = dict(sorted(self._retries.items()))
-        c["retries_total"] = sum(self._retries.values())
-        c["failure_reasons"] = dict(sorted(self._failure_reasons.items()))
+        sent = self.transport.counters()
+        c["requests_sent"] = sent["requests_sent"]
+        for name in ("errors", "retries", "retries_total", "failure_reasons"):
+            c[name] = sent[name]
         c["cost"] = None
         if self.price_per_million is not None:
             p_in, p_out = self.price_per_million
@@ -379,34 +313,13 @@ class JudgeClient:
         return c
 
     def _mask(self, text: str) -> str:
-        text = redact_text(str(text), self.base_url)
-        if self._api_key and self._api_key != PLACEHOLDER_API_KEY:
-            text = text.replace(self._api_key, "***")
-        return text[:500]
+        return self.transport.mask(text)
 
     # -- the calls ----------------------------------------------------------------------------------
     def judge_many(self, requests: Iterable[JudgeRequest], progress: bool = True) -> list[JudgeResult]:
         """Judge every request (cached ones without asking); one JudgeResult per request, in order."""
         requests = list(requests)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.ajudge_many(requests, progress=progress))
-        # Called from inside an event loop (a notebook): run ours in a thread of its own.
-        box: dict = {}
-
-        def work():
-            try:
-                box["out"] = asyncio.run(self.ajudge_many(requests, progress=progress))
-            except BaseException as e:  # re-raised in the caller's thread
-                box["err"] = e
-
-        t = threading.Thread(target=work, name="rtune-judge")
-        t.start()
-        t.join()
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
+        return run_sync(lambda: self.ajudge_many(requests, progress=progress))
 
     async def ajudge_many(self, requests: Iterable[JudgeRequest], progress: bool = True) -> list[JudgeResult]:
         """The async implementation of `judge_many`."""
@@ -459,98 +372,55 @@ class JudgeClient:
         return results
 
     async def _ask_all(self, todo, cache: JsonlCache, outcome: dict, progress: bool) -> None:
-        from openai import AsyncOpenAI
         from tqdm.auto import tqdm
 
-        sdk = AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
-        sem = asyncio.Semaphore(self.concurrency)
         # disable=None: the bar shows on a terminal only, so logs and tests stay clean.
         bar = tqdm(total=len(todo), desc="judge", unit="req", disable=None if progress else True)
         try:
             async def one(key: str, request: JudgeRequest) -> None:
-                outcome[key] = await self._ask(sdk, sem, cache, key, request)
+                outcome[key] = await self._ask(cache, key, request)
                 bar.update(1)
                 if self._counts["failures"]:
                     bar.set_postfix(failed=self._counts["failures"], refresh=False)
 
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for key, request in todo:
-                        tg.create_task(one(key, request))
-            except ExceptionGroup as group:  # a bug in one task: raise it as itself
-                raise group.exceptions[0]
+            async with self.transport:
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        for key, request in todo:
+                            tg.create_task(one(key, request))
+                except ExceptionGroup as group:  # a bug in one task: raise it as itself
+                    raise group.exceptions[0]
         finally:
             bar.close()
-            await sdk.close()
 
-    async def _ask(self, sdk, sem: asyncio.Semaphore, cache: JsonlCache, key: str, request: JudgeRequest) -> dict:
+    async def _ask(self, cache: JsonlCache, key: str, request: JudgeRequest) -> dict:
         params = normalise_params(request.params)
         want_logprobs = bool(params.get("logprobs"))
         named = {k: v for k, v in params.items() if k in _SDK_PARAMS}
         extra = {k: v for k, v in params.items() if k not in _SDK_PARAMS and k != "n"}
-        retries = invalid_retries = attempts = 0
-        while True:
-            attempts += 1
-            try:
-                async with sem:
-                    self._counts["requests_sent"] += 1
-                    parsed = await self._attempt(sdk, request.messages, named, extra, want_logprobs)
-            except _AttemptError as e:
-                self._errors[e.reason] += 1
-                persistent = e.reason not in TRANSIENT
-                if retries >= self.max_retries or (persistent and invalid_retries >= self.max_invalid_retries):
-                    self._counts["failures"] += 1
-                    self._failure_reasons[e.reason] += 1
-                    error = self._mask(f"{e.reason}: {e.detail}")
-                    log.warning("judge request %s (%s) failed after %d attempt(s): %s", key[:12],
-                                self._mask(_canonical(request.key_fields))[:200], attempts, error)
-                    return {"ok": False, "text": None, "top_logprobs": None, "usage": None,
-                            "finish_reason": None, "cached": False, "error": error, "attempts": attempts}
-                delay = backoff_delay(retries, backoff=self.backoff, max_backoff=self.max_backoff,
-                                      retry_after=e.retry_after)
-                self._retries[e.reason] += 1
-                retries += 1
-                invalid_retries += persistent
-                log.debug("judge request %s: %s; retry %d in %.2fs", key[:12], e.reason, retries, delay)
-                await asyncio.sleep(delay)
-                continue
-            usage = parsed["usage"]
-            record = {"key_fields": request.key_fields, "model": self.model,
-                      "template_version": request.template_version, "text": parsed["text"],
-                      "top_logprobs": parsed["top_logprobs"], "usage": usage,
-                      "finish_reason": parsed["finish_reason"], "response_model": parsed["response_model"]}
-            cache.add_many({key: record})  # durable before it counts as done
-            self._counts["successes"] += 1
-            self._counts["prompt_tokens"] += usage["prompt_tokens"]
-            self._counts["completion_tokens"] += usage["completion_tokens"]
-            self._counts["responses_without_usage"] += not parsed["usage_reported"]
-            return {"ok": True, "text": parsed["text"], "top_logprobs": parsed["top_logprobs"], "usage": dict(usage),
-                    "finish_reason": parsed["finish_reason"], "cached": False, "error": None, "attempts": attempts}
 
-    async def _attempt(self, sdk, messages, named: dict, extra: dict, want_logprobs: bool) -> dict:
-        """One request; the parsed completion, or _AttemptError with the reason."""
-        import openai
+        def send(sdk):
+            return sdk.chat.completions.with_raw_response.create(model=self.model, messages=request.messages,
+                                                                 **named, extra_body=extra or None)
 
-        try:
-            async with asyncio.timeout(self.timeout):
-                raw = await sdk.chat.completions.with_raw_response.create(
-                    model=self.model, messages=messages, **named, extra_body=extra or None)
-                body = raw.http_response.text
-        except TimeoutError:
-            raise _AttemptError("timeout", f"no answer within {self.timeout:g}s") from None
-        except openai.APITimeoutError:
-            raise _AttemptError("timeout", f"no answer within {self.timeout:g}s") from None
-        except openai.APIConnectionError as e:
-            cause = e.__cause__
-            raise _AttemptError("connection", f"{type(cause).__name__ if cause else 'connection error'}: "
-                                              f"{self._mask(cause or e)[:200]}") from None
-        except openai.APIStatusError as e:
-            try:
-                snippet = e.response.text[:300]
-            except Exception:  # body not readable
-                snippet = ""
-            raise _AttemptError(_status_reason(e.status_code), f"HTTP {e.status_code}: {self._mask(snippet)}",
-                                parse_retry_after(e.response.headers)) from None
-        except openai.APIResponseValidationError as e:
-            raise _AttemptError("invalid_response", self._mask(e)[:300]) from None
-        return parse_chat_completion(body, want_logprobs)
+        done = await self.transport.request(send, lambda body, url: parse_chat_completion(body, want_logprobs),
+                                            label=f"judge request {key[:12]}")
+        if not done.ok:
+            self._counts["failures"] += 1
+            log.warning("judge request %s (%s) failed after %d attempt(s): %s", key[:12],
+                        self._mask(_canonical(request.key_fields))[:200], done.attempts, done.error)
+            return {"ok": False, "text": None, "top_logprobs": None, "usage": None,
+                    "finish_reason": None, "cached": False, "error": done.error, "attempts": done.attempts}
+        parsed = done.value
+        usage = parsed["usage"]
+        record = {"key_fields": request.key_fields, "model": self.model,
+                  "template_version": request.template_version, "text": parsed["text"],
+                  "top_logprobs": parsed["top_logprobs"], "usage": usage,
+                  "finish_reason": parsed["finish_reason"], "response_model": parsed["response_model"]}
+        cache.add_many({key: record})  # durable before it counts as done
+        self._counts["successes"] += 1
+        self._counts["prompt_tokens"] += usage["prompt_tokens"]
+        self._counts["completion_tokens"] += usage["completion_tokens"]
+        self._counts["responses_without_usage"] += not parsed["usage_reported"]
+        return {"ok": True, "text": parsed["text"], "top_logprobs": parsed["top_logprobs"], "usage": dict(usage),
+                "finish_reason": parsed["finish_reason"], "cached": False, "error": None, "attempts": done.attempts}
