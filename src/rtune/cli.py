@@ -147,10 +147,14 @@ def cmd_train(a) -> None:
 
 
 def cmd_merge(a) -> None:
+    from rtune.fingerprint import model_fingerprint
+    from rtune.infer.load import load_renderer
     from rtune.infer.merge import merge_run
 
     out = merge_run(a.run, a.out)
     print(f"merged model written to {out}")
+    # The id rtune serve reports for this folder; for another server of it: rtune eval --gen-fingerprint ID.
+    print(f"fingerprint {model_fingerprint(str(out), load_renderer(str(out)))['id']}")
 
 
 # -- inference ----------------------------------------------------------------------------------
@@ -250,6 +254,45 @@ def _generation_config(a):
     return config
 
 
+def _add_endpoint_flags(p, scoring: bool) -> None:
+    group = p.add_argument_group(
+        "generation on running servers (any OpenAI-compatible /v1/completions: rtune serve, vllm serve, SGLang, "
+        "TGI, llama.cpp; MODEL still gives the tokenizer and template; API key from $RTUNE_GEN_API_KEY or "
+        "$OPENAI_API_KEY)")
+    group.add_argument("--gen-url", default=None, metavar="URL[,URL...]",
+                       help="generate there instead of here; several URLs are replicas of one model (requests spread "
+                            "over them; a replica that dies has its requests retried on the others)")
+    group.add_argument("--gen-model", default=None, metavar="NAME", help="the served model (default: the only one listed)")
+    group.add_argument("--gen-prompt", default="ids", choices=("ids", "text"),
+                       help="ids (default): rtune-rendered token ids; text: the rendered string, for servers that "
+                            "take text only (special-token spellings in content can then differ)")
+    group.add_argument("--gen-fingerprint", default=None, metavar="FP",
+                       help="what identifies the served weights (the cache key), required for servers other than "
+                            "rtune serve (which reports its own), e.g. the id `rtune merge` prints")
+    group.add_argument("--gen-concurrency", type=int, default=32, help="requests in flight per replica (default 32)")
+    group.add_argument("--gen-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    if scoring:
+        group.add_argument("--score-local", action="store_true",
+                           help="also load MODEL here for ranking, NLL and shift (without it they are reported as "
+                                "not computed); also with --backend vllm")
+
+
+def _endpoint_settings(a) -> dict | None:
+    """The --gen-* flags as keyword arguments; None without --gen-url."""
+    if not a.gen_url:
+        given = [f for f, v in (("--gen-model", a.gen_model), ("--gen-fingerprint", a.gen_fingerprint),
+                                ("--gen-prompt text", a.gen_prompt != "ids")) if v]
+        if given:
+            raise RtuneError(f"{', '.join(given)} go with --gen-url URL[,URL...]")
+        return None
+    from rtune.infer.backends.endpoint import split_urls
+
+    if a.gen_concurrency < 1 or a.gen_timeout <= 0:
+        raise RtuneError("--gen-concurrency must be >= 1 and --gen-timeout > 0")
+    return {"urls": split_urls(a.gen_url), "model": a.gen_model, "fingerprint": a.gen_fingerprint,
+            "prompt": a.gen_prompt, "concurrency": a.gen_concurrency, "timeout": a.gen_timeout}
+
+
 def cmd_generate(a) -> None:
     from rtune.infer.generate import generate_file
 
@@ -258,7 +301,7 @@ def cmd_generate(a) -> None:
     if a.rules_show:
         _show_rules([a.model], template, icl_file, config.rules)
     summary = generate_file(a.model, a.prompts, a.out, config, template=template,
-                            **({"icl_file": icl_file} if icl_file else {}))
+                            **({"icl_file": icl_file} if icl_file else {}), endpoint=_endpoint_settings(a))
     print(json.dumps(summary, indent=2))
 
 
@@ -295,8 +338,15 @@ def cmd_eval(a) -> None:
     from rtune.eval.generation import EvalDecoding
     from rtune.eval.run import EvalConfig, run_eval
 
+    from rtune.eval.run import EndpointConfig
+
+    endpoint = _endpoint_settings(a)
+    if endpoint and a.backend != "hf":
+        raise RtuneError(f"--gen-url generates on the servers: leave --backend {a.backend} out")
+    if a.score_local and not endpoint and a.backend == "hf":
+        raise RtuneError("--score-local goes with --gen-url or --backend vllm (the HF backend always scores here)")
     decoding = EvalDecoding(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype,
-                            stop=list(a.stop or []), backend=a.backend)
+                            stop=list(a.stop or []), backend="endpoint" if endpoint else a.backend)
     decoding.rules = _rules_config(a)
     template, icl_file = _plain_format(a)
     if a.rules_show:
@@ -307,6 +357,8 @@ def cmd_eval(a) -> None:
     config.lm_eval_tasks = [t for t in (a.lm_eval_tasks or "").split(",") if t]
     config.lm_eval_include = list(a.lm_eval_include or [])
     config.lm_eval_dtype = a.lm_eval_dtype
+    config.endpoint = EndpointConfig(**endpoint) if endpoint else None
+    config.score_local = a.score_local
     if not config.benches and not config.lm_eval_tasks:
         raise RtuneError("nothing to evaluate: give --bench NAME[,NAME] and/or --lm-eval-tasks TASK[,TASK]")
     if a.judge_url or a.judge_model:
@@ -460,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=None)
     _add_generation_flags(p)
+    _add_endpoint_flags(p, scoring=False)
     p.set_defaults(func=cmd_generate)
 
     p = _parser(sub, "chat", "multi-turn chat in the terminal (/reset, /exit)")
@@ -529,13 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it natively) | fp32 | bf16")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="an extra stop string")
-    p.add_argument("--backend", default="hf", help="hf (default) | vllm (CUDA, vLLM installed beside rtune; untested, see README)")
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                   help='hf (default) | vllm (CUDA, pip install -e ".[vllm]"; not run in CI, see README)')
     p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
     _add_icl_flags(p)  # the labels say the format: gemma-3-270m+urial-r
     _add_rules_flags(p)  # ... and the rules: gemma-3-270m+urial-r+rules
     p.add_argument("--ranking-k", type=int, default=7, help="other responses each reference is ranked against")
     p.add_argument("--no-shift", action="store_true", help="skip the distribution shift against the untuned base")
     p.add_argument("--no-relevance", action="store_true", help="skip MiniLM relevance")
+    _add_endpoint_flags(p, scoring=True)
     judges = p.add_argument_group("LLM judges (any OpenAI-compatible endpoint; API key from $RTUNE_JUDGE_API_KEY "
                                   "or $OPENAI_API_KEY)")
     judges.add_argument("--judge-url", default=None, help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")

@@ -100,9 +100,9 @@ def test_rerun_and_added_model_regenerate_nothing(tmp_path, tiny_model_path, lor
     out = tmp_path / "eval"
     run_eval([str(tiny_model_path)], settings(benches=[str(heldout)]), out, labels=["base"])
     first = read_items(out / "results" / "base" / "heldout")
-    import rtune.eval.run as run_mod
+    from rtune.infer.backends.hf import HFBackend
 
-    monkeypatch.setattr(run_mod, "load", lambda *a, **k: pytest.fail("nothing is missing: no model is loaded"))
+    monkeypatch.setattr(HFBackend, "load", lambda *a, **k: pytest.fail("nothing is missing: no model is loaded"))
     again = run_eval([str(tiny_model_path)], settings(benches=[str(heldout)]), out, labels=["base"])
     assert again[0]["generation"]["generated"] == 0 and again[0]["generation"]["from_cache"] == 6
     assert read_items(out / "results" / "base" / "heldout") == first
@@ -179,34 +179,34 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model_path, capsys):
 
 def test_a_resumed_run_forms_the_batches_an_uninterrupted_run_forms(tmp_path, monkeypatch):
     """bf16 answers can depend on batch neighbours, so batches are a function of the prompts alone."""
-    import types
-
     import rtune.eval.generation as gen
+    import rtune.infer.backends.hf as hf
     from rtune.eval.cache import JsonlCache
     from rtune.infer.generate import Generation
 
     prompts = {f"k{i:02d}": [1] * (i % 7 + 1) for i in range(23)}
     seen, fail_after = [], [None]
 
-    def fake_generate(model, tokenizer, renderer, batch_ids, config):
+    def fake_generate(model, tokenizer, renderer, batch_ids, config, progress=False):
         if fail_after[0] is not None and len(seen) >= fail_after[0]:
             raise KeyboardInterrupt  # killed
         seen.append([len(ids) for ids in batch_ids])
         return [Generation(text="x", token_ids=[5], finish_reason="eos", num_tokens=1) for _ in batch_ids]
 
-    monkeypatch.setattr(gen, "generate_ids", fake_generate)
-    loaded = types.SimpleNamespace(label="m", model=None, tokenizer=None, renderer=None)
+    monkeypatch.setattr(hf, "generate_ids", fake_generate)
+    backend = hf.HFBackend("m", None)
+    backend.model = object()  # "loaded"
     decoding = EvalDecoding(batch_size=5)
     whole = JsonlCache(tmp_path / "whole.jsonl", gen.GENERATION_FIELDS)
-    gen.generate_missing(loaded, prompts, whole, decoding, progress=False)
+    gen.generate_missing(backend, "m", prompts, whole, decoding, progress=False)
     plan, seen[:] = list(seen), []
 
     fail_after[0] = 2
     cut = JsonlCache(tmp_path / "cut.jsonl", gen.GENERATION_FIELDS)
     with pytest.raises(KeyboardInterrupt):
-        gen.generate_missing(loaded, prompts, cut, decoding, progress=False)
+        gen.generate_missing(backend, "m", prompts, cut, decoding, progress=False)
     first, seen[:], fail_after[0] = list(seen), [], None
-    counts = gen.generate_missing(loaded, prompts, JsonlCache(tmp_path / "cut.jsonl", gen.GENERATION_FIELDS),
+    counts = gen.generate_missing(backend, "m", prompts, JsonlCache(tmp_path / "cut.jsonl", gen.GENERATION_FIELDS),
                                   decoding, progress=False)
     assert first + seen == plan and len(plan) == 5  # the same batches, none repeated
     assert counts["from_cache"] == 10 and counts["generated"] == 13

@@ -15,8 +15,11 @@ Precision: `dtype="auto"` generates in bf16 on GPUs with bf16 and on CPUs with n
 times faster (perf/generate_throughput.py measures both and prints the agreement); fp32 elsewhere.
 The dtype is part of the decoding key, so bf16 and fp32 generations never mix.
 
-Backends: "hf" (transformers, batched, length-sorted) and "vllm" (GPUs; prompts are passed as
-token ids from rtune's renderer, LoRA runs through a LoRA request).
+Backends (rtune.infer.backends): "hf" (transformers here, batched, length-sorted), "vllm" (GPUs;
+token-id prompts, LoRA runs through a LoRA request) and "endpoint" (running OpenAI-compatible
+servers, `--gen-url`). vLLM and servers batch continuously: their outputs are keyed by prompt alone,
+and an endpoint's cache file is keyed by its model, fingerprint, dtype and prompt mode instead of
+this machine's device and libraries.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from rtune.errors import RtuneError
 from rtune.eval.cache import JsonlCache
 # The model fingerprint lives in rtune.fingerprint (full-content digests); importable from here too.
 from rtune.fingerprint import model_fingerprint, output_environment  # noqa: F401
-from rtune.infer.generate import GenerationConfig, generate_ids
+from rtune.infer.generate import GenerationConfig
 
 DTYPES = ("auto", "fp32", "bf16")
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "endpoint")
 GENERATION_FIELDS = {"output": str, "finish_reason": str, "num_tokens": int, "token_ids": list}
 
 
@@ -49,7 +52,7 @@ class EvalDecoding:
     batch_size: int = 16
     dtype: str = "auto"  # auto | fp32 | bf16
     stop: list[str] = field(default_factory=list)  # extra stop strings (the template's always apply)
-    backend: str = "hf"  # hf | vllm
+    backend: str = "hf"  # hf | vllm | endpoint (rtune.infer.backends)
     # Sampling is possible but evaluation is greedy by default (reproducible).
     do_sample: bool = False
     temperature: float = 1.0
@@ -63,7 +66,9 @@ class EvalDecoding:
         if self.backend not in BACKENDS:
             raise RtuneError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.rules is not None and self.backend != "hf":
-            raise RtuneError("--rules needs --backend hf (the rules are a transformers logits processor)")
+            where = "--gen-url" if self.backend == "endpoint" else f"--backend {self.backend}"
+            raise RtuneError(f"--rules needs --backend hf (the rules are a transformers logits processor); "
+                             f"{where} cannot apply them: leave --rules out, or generate here without {where}")
         self.generation_config().check()
         return self
 
@@ -72,6 +77,8 @@ class EvalDecoding:
         in bf16 a batch's shapes can change a greedy answer (in fp32 they do not: tested)."""
         d = asdict(self)
         d["dtype"] = resolve_dtype(self.dtype, device_type)
+        if self.backend == "endpoint":  # the server's dtype is in the cache key's environment; no batches here
+            del d["dtype"], d["batch_size"]
         if self.rules is None:
             del d["rules"]  # without rules, the keys of caches written before rules existed
         return d
@@ -155,74 +162,47 @@ def missing(prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDeco
     return sum(c not in cache for c in item_keys(prompts, decoding).values())
 
 
-def generate_missing(loaded, prompts: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding,
-                     progress: bool = True) -> dict:
-    """Generate every prompt of one benchmark (key -> ids) the cache lacks, appending each finished batch."""
+def generate_missing(backend, label: str, prompts: dict[str, list[int]], cache: JsonlCache,
+                     decoding: EvalDecoding, progress: bool = True) -> dict:
+    """Generate every prompt of one benchmark (key -> ids) the cache lacks with `backend`
+    (rtune.infer.backends), appending each result as it comes (the HF backend: each finished batch)."""
+    from tqdm.auto import tqdm
+
     keys = item_keys(prompts, decoding)
     todo = {k: ids for k, ids in prompts.items() if keys[k] not in cache}
     counts = {"items": len(prompts), "from_cache": len(prompts) - len(todo), "generated": 0,
               "corrupt_cache_lines": cache.corrupt, "seconds": 0.0, "new_tokens": 0}
     if not todo:
         return counts
-    start = time.perf_counter()
-    if decoding.backend == "vllm":
-        _generate_vllm(loaded, todo, cache, decoding)
+    if backend.keyed_by_batch:
+        # A batch is generated whole, with all its neighbours (its cache keys name the batch), and
+        # appended at once, so after a kill it is all cached or all missing.
+        batches = [{k: prompts[k] for k in batch} for batch in fixed_batches(prompts, decoding.batch_size)
+                   if any(k in todo for k in batch)]
     else:
-        _generate_hf(loaded, prompts, todo, keys, cache, decoding, progress)
+        batches = [todo]
+    bar = tqdm(total=len(todo), desc=f"generate {label}", unit="prompt", disable=None if progress else True)
+
+    def done(gens: dict) -> None:
+        # Only the missing ones are appended (a corrupt line's neighbours are already cached).
+        rows = {keys[k]: generation_row(g) for k, g in gens.items() if k in todo}
+        cache.add_many(rows)
+        bar.update(len(rows))
+
+    start = time.perf_counter()
+    try:
+        backend.generate(batches, decoding.generation_config(), done)
+    finally:
+        bar.close()
     counts["generated"] = len(todo)
     counts["seconds"] = round(time.perf_counter() - start, 2)
     counts["new_tokens"] = sum(cache.get(keys[k])["num_tokens"] for k in todo)
     return counts
 
 
-def _generate_hf(loaded, prompts: dict[str, list[int]], todo: dict[str, list[int]], keys: dict[str, str],
-                 cache: JsonlCache, decoding: EvalDecoding, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    config = decoding.generation_config()
-    bar = tqdm(total=len(todo), desc=f"generate {loaded.label}", unit="prompt", disable=None if progress else True)
-    try:
-        for batch in fixed_batches(prompts, decoding.batch_size):
-            # A batch is generated whole, with all its neighbours (its cache keys name the batch), and
-            # appended at once, so after a kill it is all cached or all missing.
-            if not any(k in todo for k in batch):
-                continue
-            gens = generate_ids(loaded.model, loaded.tokenizer, loaded.renderer, [prompts[k] for k in batch], config)
-            # Only the missing ones are appended (a corrupt line's neighbours are already cached).
-            cache.add_many({keys[k]: {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens,
-                                      "token_ids": g.token_ids} for k, g in zip(batch, gens) if k in todo})
-            bar.update(sum(k in todo for k in batch))
-    finally:
-        bar.close()
-
-
-def _generate_vllm(loaded, todo: dict[str, list[int]], cache: JsonlCache, decoding: EvalDecoding) -> None:
-    """vLLM (GPU): token-id prompts from rtune's renderer; greedy; the template's stop strings and ids.
-
-    Not run in this project's CI (no GPU): see README."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from rtune.infer.generate import reply_stop_strings
-
-    config = decoding.generation_config()
-    params = SamplingParams(
-        max_tokens=decoding.max_new_tokens, temperature=decoding.temperature if decoding.do_sample else 0.0,
-        top_p=decoding.top_p, seed=decoding.seed, stop=reply_stop_strings(loaded.renderer, config),
-        stop_token_ids=list(loaded.renderer.stop_ids), include_stop_str_in_output=False,
-        skip_special_tokens=True,
-    )
-    keys = list(todo)
-    outputs = loaded.model.generate([TokensPrompt(prompt_token_ids=todo[k]) for k in keys], params,
-                                    lora_request=loaded.lora_request)
-    rows = {}
-    for key, out in zip(keys, outputs):
-        o = out.outputs[0]
-        # vLLM: finish_reason "stop" with stop_reason None (EOS), a string (stop string) or an id (stop id).
-        reason = "length" if o.finish_reason == "length" else ("stop" if isinstance(o.stop_reason, str) else "eos")
-        ids = [t for t in o.token_ids if t not in loaded.renderer.stop_ids]
-        text = o.text.rstrip() if reason == "stop" else o.text
-        cleanup = getattr(loaded.renderer, "reply_cleanup", None)  # in-context formats: a trailing fence
-        rows[key] = {"output": cleanup(text) if cleanup else text, "finish_reason": reason,
-                     "num_tokens": len(ids), "token_ids": ids}
-    cache.add_many(rows)
+def generation_row(g) -> dict:
+    """A cache record of one Generation (where another backend's token ids came from, when it says)."""
+    row = {"output": g.text, "finish_reason": g.finish_reason, "num_tokens": g.num_tokens, "token_ids": g.token_ids}
+    if g.token_ids_from is not None:
+        row["token_ids_from"] = g.token_ids_from
+    return row

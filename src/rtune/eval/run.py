@@ -6,6 +6,11 @@ NLL where items have references, distribution shift against the untuned base for
 also cached), then compute the per-item values and the summaries with bootstrap intervals and
 write them in the results layout (rtune.eval.results). A model is loaded only when something is
 missing, so re-running a finished evaluation only recomputes the summaries.
+
+Generation runs on a backend (rtune.infer.backends): hf here (default), vllm, or running servers
+(`EvalConfig.endpoint`, `rtune eval --gen-url`). The scores need the weights here: on the other
+backends they run only with `score_local` (the HF model is loaded for them after generation), and
+are otherwise listed under "not_computed" in each summary, never silently left out.
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtune")
 SCORE_FIELDS = {"values": dict}
+# What the model-based scores add, and when: items with references; tuned models (shift).
+REFERENCE_SCORES = ("ranking_top1", "ranking_pairwise", "nll_given_instruction", "nll_no_instruction", "nll_gain")
+SHIFT_SCORES = ("shift_top1_differs", "shift_outside_top3")
+
+
+@dataclass
+class EndpointConfig:
+    """Generation by running OpenAI-compatible servers (rtune.infer.backends.endpoint)."""
+
+    urls: list[str]  # replicas of one model
+    model: str | None = None  # the served model's name (default: the only one listed)
+    fingerprint: str | None = None  # required for servers that report none (rtune serve does)
+    prompt: str = "ids"  # ids | text
+    concurrency: int = 32  # requests in flight per replica
+    timeout: float = 600.0  # seconds per request
 
 
 @dataclass
@@ -66,6 +86,8 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_include: list[str] = field(default_factory=list)
     lm_eval_dtype: str = "checkpoint"  # checkpoint: the dtype lm_eval's own CLI loads the model in
+    endpoint: EndpointConfig | None = None  # generate on running servers (--gen-url) instead of here
+    score_local: bool = False  # vllm / endpoint: load the HF model here for ranking, NLL and shift
 
 
 @dataclass
@@ -73,9 +95,9 @@ class LoadedModel:
     label: str
     spec: str
     renderer: object
-    model: object = None
+    model: object = None  # the HF model that scores (the HF backend's own, or loaded for --score-local)
     tokenizer: object = None
-    lora_request: object = None  # vLLM
+    backend: object = None  # the generation backend (rtune.infer.backends)
     base_spec: str | None = None  # the untuned base of a tuned model (distribution shift)
     template: str | None = None  # a plain model's template (None: tulu); urial, urial-r, zero-shot: in context
     icl_file: str | None = None  # the in-context demonstrations (None: rtune's own)
@@ -102,6 +124,13 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     from rtune.infer.load import load_renderer
     from rtune.render import ICL_TEMPLATES
 
+    if config.endpoint is not None:
+        config.decoding.backend = "endpoint"
+        if len(models) != 1:
+            raise RtuneError(f"--gen-url generates for one model (MODEL gives its tokenizer and template), got "
+                             f"{len(models)}: run one `rtune eval` per served model into the same --out")
+    elif config.decoding.backend == "endpoint":
+        raise RtuneError("the endpoint backend needs --gen-url URL[,URL...]")
     config.decoding.check()
     rules = config.decoding.rules
     if rules is not None:
@@ -127,6 +156,9 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
     from rtune.eval.lm_eval import LmEvalPlan
 
     lm_plan = LmEvalPlan.from_config(config)
+    if lm_plan and config.endpoint is not None:
+        raise RtuneError("--bench core / --lm-eval-tasks run MODEL's weights here, not the --gen-url servers: run "
+                         "them in an `rtune eval` without --gen-url")
     lm_plan.prepare(out_dir)
     # Everything that can fail fast, before any model is loaded: benchmarks, renderers, fingerprints.
     specs = [bench_and_limit(b, config.limit) for b in lm_plan.benches]
@@ -144,7 +176,12 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
         renderer = load_renderer(spec, template, icl_file=icl_file)
         loaded = LoadedModel(label, str(spec), renderer, base_spec=tuned_base(str(spec)), template=template,
                              icl_file=icl_file)
-        entries.append((loaded, model_fingerprint(str(spec), renderer)))
+        loaded.backend = make_backend(loaded, config, device_type)
+        # An endpoint's outputs are identified by what it serves (asked now: replicas with different
+        # weights stop everything here, before anything is generated).
+        fp = (loaded.backend.model_fingerprint() if config.endpoint is not None
+              else model_fingerprint(str(spec), renderer))
+        entries.append((loaded, fp))
     write_json_atomic(out_dir / EVAL_INFO, {
         "rtune_version": rtune.__version__, "models": {m.label: {"spec": m.spec, "fingerprint": fp} for m, fp in entries},
         "benchmarks": [b.info for b in benches] + ([{"name": "lm-eval", "tasks": lm_plan.tasks}] if lm_plan else []),
@@ -152,12 +189,15 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
         "limit": config.limit, "seed": config.seed, "ranking_k": config.ranking_k, "time": run_folder.now(),
         "judge": None if config.judge is None else {"url": redact_url(config.judge.url), "model": config.judge.model,
                                                     "kinds": config.judge.kinds, "reference": config.judge.reference},
+        "generation": {m.label: backend_info(m) for m, _ in entries},
     })
     # 1. Each model in turn: generations and model-based scores (a model is loaded only if needed).
     data = {}
     for loaded, fp in (entries if benches else []):
-        data[loaded.label] = collect(loaded, fp, benches, config, out_dir, device_type)
-        unload(loaded)
+        try:
+            data[loaded.label] = collect(loaded, fp, benches, config, out_dir, device_type)
+        finally:
+            unload(loaded)
     # 2. The LLM judges, over every model's outputs at once (pairwise needs the reference's).
     judged = {}
     if config.judge is not None:
@@ -176,6 +216,7 @@ def run_eval(models: list[str], config: EvalConfig, out_dir: str | os.PathLike, 
                 add_judgments(summary, item_rows, judged, loaded.label, name, config)
             summary["generation"] = d["counts"]
             summary["environment"] = d["environment"]
+            summary["generation_backend"] = backend_info(loaded)
             summary["timings"] = {**d["timings"], "metrics_s": round(d["timings"]["scores_s"]
                                                                      + time.perf_counter() - t, 2)}
             folder = write_result(out_dir, loaded.label, name, item_rows, summary)
@@ -206,43 +247,88 @@ def add_judgments(summary: dict, item_rows: list[dict], judged: dict, label: str
 
 
 def collect(loaded: LoadedModel, fp: dict, benches, config: EvalConfig, out_dir: Path, device_type: str) -> dict:
-    """{bench name: {"bench", "rows", "scored", "counts", "timings"}}: generations and model-based scores."""
+    """{bench name: {"bench", "rows", "scored", "counts", "timings"}}: generations, then model-based scores."""
     timings: dict[str, float] = {}
-    environment = output_environment(device_type, quantization(loaded.spec), config.decoding.backend)
+    backend = loaded.backend
+    environment = backend.environment()
     cache = generation_cache(out_dir, fp, config.decoding, device_type, environment)
-    scores = JsonlCache(out_dir / "cache" / fp["id"] /
-                        f"scores-{cache_name(config.decoding, device_type, environment)}.jsonl", SCORE_FIELDS)
+    scores = scores_cache(out_dir, fp, loaded, config, device_type, environment)
     prompts = {b.name: [loaded.renderer.render_prompt(item.prompt) for item in b.items] for b in benches}
     # Per benchmark: its prompts alone decide its batches (rtune.eval.generation.fixed_batches).
     wanted = {b.name: {prompt_key(ids): ids for ids in prompts[b.name]} for b in benches}
     gen_keys = {b.name: item_keys(wanted[b.name], config.decoding) for b in benches}
     score_keys = {b.name: [_score_key(b, i, config, gen_keys[b.name][prompt_key(ids)])
                            for i, ids in enumerate(prompts[b.name])] for b in benches}
-    needs_model = any(missing(wanted[b.name], cache, config.decoding) for b in benches) or any(
+    needs_scores = scores is not None and any(
         score_keys[b.name][i] not in scores for b in benches for i in range(len(b.items))
         if _scored(loaded, b.items[i], config))
-    if needs_model:
+    # 1. Generations (the backend loads only when something is missing).
+    if any(missing(wanted[b.name], cache, config.decoding) for b in benches):
         t = time.perf_counter()
-        load(loaded, config, device_type)
+        backend.load()
         timings["load_s"] = round(time.perf_counter() - t, 2)
+    counts = {}
+    for bench in benches:
+        counts[bench.name] = generate_missing(backend, loaded.label, wanted[bench.name], cache, config.decoding,
+                                              config.progress)
+    # 2. Scores, with the HF model: the HF backend's own, else loaded here for them (--score-local)
+    # once the other backend has let go of the GPU.
+    if needs_scores:
+        if backend.name == "hf":
+            backend.load()
+        else:
+            backend.close()
+            t = time.perf_counter()
+            backend = scorer_backend(loaded, config, device_type)
+            backend.load()
+            timings["scorer_load_s"] = round(time.perf_counter() - t, 2)
+        loaded.model, loaded.tokenizer = backend.model, backend.tokenizer
     out = {}
     total = {"from_cache": 0, "generated": 0}
     for bench in benches:
         t = time.perf_counter()
-        counts = generate_missing(loaded, wanted[bench.name], cache, config.decoding, config.progress)
-        total = {k: total[k] + counts[k] for k in total}
+        total = {k: total[k] + counts[bench.name][k] for k in total}
         found = cached_outputs(wanted[bench.name], cache, config.decoding)
         rows = [{"id": item.id, **found[prompt_key(ids)]} for item, ids in zip(bench.items, prompts[bench.name])]
-        scored = score_items(loaded, bench, prompts[bench.name], rows, scores, score_keys[bench.name], config)
-        out[bench.name] = {"bench": bench, "rows": rows, "scored": scored, "counts": counts,
+        scored = (score_items(loaded, bench, prompts[bench.name], rows, scores, score_keys[bench.name], config)
+                  if scores is not None else [{} for _ in rows])
+        out[bench.name] = {"bench": bench, "rows": rows, "scored": scored, "counts": counts[bench.name],
                            "environment": environment,
-                           "timings": {**timings, "scores_s": round(time.perf_counter() - t - counts["seconds"], 2)}}
+                           "timings": {**timings, "scores_s": round(time.perf_counter() - t, 2)}}
     log.info("%s: %d from the cache, %d generated (%d corrupt cache lines redone)", loaded.label,
              total["from_cache"], total["generated"], cache.corrupt)
     if config.progress:
         print(f"[eval] {loaded.label}: generations {total['from_cache']} cached, {total['generated']} generated, "
               f"{cache.corrupt} corrupt cache lines skipped and redone", flush=True)
+        if scores is None and any(_scored(loaded, item, config) for b in benches for item in b.items):
+            print(f"[eval] {loaded.label}: ranking, NLL and shift not computed ({not_computed_reason(config)})",
+                  flush=True)
     return out
+
+
+def scores_cache(out_dir: Path, fp: dict, loaded: LoadedModel, config: EvalConfig, device_type: str,
+                 environment: dict) -> JsonlCache | None:
+    """The model-based scores' cache; None where they are not computed (another backend, no --score-local).
+
+    HF: keyed like the generations. Otherwise the scores come from the HF model loaded here, so the
+    key names it (its fingerprint), its dtype and this machine's environment besides the generations'."""
+    folder = out_dir / "cache" / fp["id"]
+    if config.decoding.backend == "hf":
+        return JsonlCache(folder / f"scores-{cache_name(config.decoding, device_type, environment)}.jsonl",
+                          SCORE_FIELDS)
+    if not config.score_local:
+        return None
+    scorer = {"model": model_fingerprint(loaded.spec, loaded.renderer)["id"],
+              "dtype": resolve_dtype(config.decoding.dtype, device_type),
+              "environment": output_environment(device_type, quantization(loaded.spec), "hf"),
+              "generations": environment, "decoding": config.decoding.resolved(device_type)}
+    name = hashlib.sha256(json.dumps(scorer, sort_keys=True).encode()).hexdigest()[:16]
+    return JsonlCache(folder / f"scores-local-{name}.jsonl", SCORE_FIELDS)
+
+
+def not_computed_reason(config: EvalConfig) -> str:
+    where = "on --gen-url servers" if config.decoding.backend == "endpoint" else f"with --backend {config.decoding.backend}"
+    return f"they need the model's weights here and generation ran {where}; add --score-local to compute them"
 
 
 def quantization(spec: str) -> str | None:
@@ -262,56 +348,41 @@ def tuned_base(spec: str) -> str | None:
     return None
 
 
-def load(loaded: LoadedModel, config: EvalConfig, device_type: str) -> None:
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype(config.decoding.dtype, device_type)]
+def make_backend(loaded: LoadedModel, config: EvalConfig, device_type: str):
+    """The generation backend of one model (rtune.infer.backends); nothing heavy is loaded yet."""
+    dtype = resolve_dtype(config.decoding.dtype, device_type)
+    if config.endpoint is not None:
+        from rtune.infer.backends.endpoint import EndpointBackend
+
+        e = config.endpoint
+        return EndpointBackend(e.urls, loaded.renderer, model=e.model, fingerprint=e.fingerprint, prompt=e.prompt,
+                               concurrency=e.concurrency, timeout=e.timeout)
     if config.decoding.backend == "vllm":
-        _load_vllm(loaded, dtype)
-        return
-    from rtune.infer.load import load_for_inference
+        from rtune.infer.backends.vllm import VLLMBackend
 
-    loaded.model, loaded.tokenizer, _ = load_for_inference(loaded.spec, loaded.template, dtype=dtype,
-                                                           device=device_type, icl_file=loaded.icl_file)
-    if hasattr(loaded.model, "merge_and_unload") and run_folder.base_quantization(
-            run_folder.read_run_info(loaded.spec), "evaluating") is None:
-        # A LoRA run decodes about twice as fast merged (one matmul per layer, not three); the
-        # distribution shift then loads the untuned base on its own.
-        loaded.model = loaded.model.merge_and_unload()
+        return VLLMBackend(loaded.spec, loaded.renderer, loaded.label,
+                           dtype="bfloat16" if dtype == "bf16" else "float32", device_type=device_type)
+    return scorer_backend(loaded, config, device_type)
 
 
-def _load_vllm(loaded: LoadedModel, dtype: torch.dtype) -> None:
-    """vLLM serves a plain or merged folder as it is, a LoRA run as its base plus a LoRA request."""
-    try:
-        from vllm import LLM
-        from vllm.lora.request import LoRARequest
-    except ImportError:
-        raise RtuneError("--backend vllm needs vLLM on a CUDA machine, installed beside rtune (there is no "
-                         "'vllm' extra: no vLLM release accepts rtune's transformers pin yet; see README)") from None
-    dtype_name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    if run_folder.is_run_dir(loaded.spec):
-        info = run_folder.read_run_info(loaded.spec)
-        if info["weights"] == "adapter":
-            rank = info["config"]["lora_r"]
-            loaded.model = LLM(model=_vllm_path(info["base_model"]["load"]), dtype=dtype_name, enable_lora=True,
-                               max_lora_rank=max(16, rank))
-            loaded.lora_request = LoRARequest(loaded.label, 1, str(run_folder.weights_dir(loaded.spec, info)))
-        else:
-            loaded.model = LLM(model=str(run_folder.weights_dir(loaded.spec, info)), dtype=dtype_name)
-    else:
-        loaded.model = LLM(model=_vllm_path(loaded.spec), dtype=dtype_name)
-    loaded.tokenizer = loaded.renderer.tokenizer
+def scorer_backend(loaded: LoadedModel, config: EvalConfig, device_type: str):
+    """The HF backend: it generates (default backend) and it scores (always)."""
+    from rtune.infer.backends.hf import HFBackend
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype(config.decoding.dtype, device_type)]
+    return HFBackend(loaded.spec, loaded.renderer, template=loaded.template, icl_file=loaded.icl_file, dtype=dtype,
+                     device=device_type, merge_lora=True, quantization=quantization(loaded.spec))
 
 
-def _vllm_path(spec: str) -> str:
-    from rtune.models import resolve_model
-
-    ref = resolve_model(spec)
-    if ref.gguf_file:
-        raise RtuneError(f"--backend vllm: {spec} is a .gguf file; convert it to a model folder first")
-    return ref.path
+def backend_info(loaded: LoadedModel) -> dict:
+    info = getattr(loaded.backend, "info", None)
+    return info() if info is not None else {"backend": loaded.backend.name}
 
 
 def unload(loaded: LoadedModel) -> None:
-    loaded.model = loaded.tokenizer = loaded.lora_request = None
+    if loaded.backend is not None:
+        loaded.backend.close()
+    loaded.model = loaded.tokenizer = None
     import gc
 
     gc.collect()
@@ -340,7 +411,7 @@ def score_items(loaded: LoadedModel, bench, prompt_ids: list[list[int]], rows: l
     from rtune.eval import instructability as ins
 
     todo = [i for i, item in enumerate(bench.items) if _scored(loaded, item, config) and keys[i] not in scores]
-    if todo and loaded.model is not None and config.decoding.backend == "hf":
+    if todo:
         values = {i: {} for i in todo}
         ref_items = [i for i in todo if bench.items[i].reference is not None]
         if ref_items:
@@ -462,4 +533,8 @@ def summarise_bench(loaded: LoadedModel, fp: dict, bench, rows: list[dict], scor
         "rtune_version": rtune.__version__,
         "time": run_folder.now(),
     }
+    if config.decoding.backend != "hf" and not config.score_local:  # said, never silently left out
+        names = (REFERENCE_SCORES if refs else ()) + (SHIFT_SCORES if config.shift and loaded.base_spec else ())
+        if names:
+            summary["not_computed"] = {name: not_computed_reason(config) for name in names}
     return summary, item_rows

@@ -77,6 +77,9 @@ class GenerationConfig:
 
 
 FINISH_REASONS = ("eos", "stop", "length")
+# A server that says only that a reply stopped, not whether at an end id or a stop string
+# (rtune.infer.backends.endpoint): counted apart, never guessed.
+ENDED = "ended"
 
 
 @dataclass
@@ -91,6 +94,9 @@ class Generation:
     num_tokens: int = 0  # len(token_ids)
     # The stop id that ended the reply (generated, not in token_ids); None after a stop string or at the length limit.
     stop_id: int | None = None
+    # Where token_ids come from, for backends other than HF: "server" (the engine's own ids) or
+    # "retokenized" (a server that returns text only: its text tokenized here). None: this model's.
+    token_ids_from: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -109,7 +115,8 @@ class _Stops:
     """What ends a reply: stop ids (finish "eos") and stop strings (finish "stop").
 
     A stop string that is a special token (e.g. "<|user|>" added as one) is matched as an id:
-    decoding skips special tokens, so it could not be found in the text.
+    decoding skips special tokens, so it could not be found in the text. The same split serves the
+    other generation backends (rtune.infer.backends), which send the ids as vLLM's stop_token_ids.
     """
 
     def __init__(self, tokenizer, renderer, config: GenerationConfig):
@@ -121,12 +128,14 @@ class _Stops:
         self.strings = [s for s in strings if s not in special]
         self.all_ids = self.eos_ids + self.string_ids
         self.cleanup = getattr(renderer, "reply_cleanup", None)  # e.g. a trailing code fence stripped
-        self.matcher = _stop_string_matcher(tokenizer, tuple(self.strings)) if self.strings else None
+        self.tokenizer = tokenizer
 
     def criteria(self, prompt_width: int):
         from transformers import StoppingCriteriaList
 
-        return StoppingCriteriaList([_ReplyStopStrings(self.matcher, prompt_width)] if self.matcher else [])
+        # Built here, not in __init__: only HF generation needs the vocabulary scan.
+        matcher = _stop_string_matcher(self.tokenizer, tuple(self.strings)) if self.strings else None
+        return StoppingCriteriaList([_ReplyStopStrings(matcher, prompt_width)] if matcher else [])
 
 
 # HF's StopStringCriteria scans the whole vocabulary when built (about 3 s for Gemma's 262k tokens). HF
@@ -336,16 +345,33 @@ def generate_file(
     method_label: str | None = None,
     *,
     icl_file: str | None = None,
+    endpoint: dict | None = None,
 ) -> dict:
     """Answer every prompt in a file and write JSONL {"id", "instruction", "output", "finished",
-    "finish_reason", "num_tokens", "generator"} in input order, atomically. Returns a summary."""
+    "finish_reason", "num_tokens", "generator"} in input order, atomically. Returns a summary.
+
+    endpoint: generate on running servers instead (rtune.infer.backends.endpoint.EndpointBackend's
+    arguments: urls, model, fingerprint, prompt, concurrency, timeout); model_or_run then gives the
+    tokenizer and template only."""
     config = (config or GenerationConfig()).check()
     from rtune.infer.rules import check_untrained
 
     check_untrained(model_or_run, config.rules)
     # Read the prompts before loading the model: a bad file fails in a second, not after a load.
     prompts = read_prompts(prompts_path)
-    model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
+    backend = None
+    if endpoint is not None:
+        from rtune.infer.backends import refuse_rules
+        from rtune.infer.backends.endpoint import EndpointBackend
+        from rtune.infer.load import load_renderer
+
+        refuse_rules(config, "an endpoint")
+        renderer = load_renderer(model_or_run, template, icl_file=icl_file)
+        backend = EndpointBackend(endpoint["urls"], renderer, **{k: v for k, v in endpoint.items() if k != "urls"})
+        backend.connect()  # replicas with different weights stop here, before any prompt is sent
+        model = tokenizer = None
+    else:
+        model, tokenizer, renderer = load_for_inference(model_or_run, template=template, icl_file=icl_file)
     generator = method_label or Path(str(model_or_run).rstrip("/")).name
     if not method_label and not getattr(renderer, "trainable", True):
         generator += f"+{renderer.template_name}"  # e.g. gemma-3-270m+urial-r: the base in context
@@ -353,28 +379,39 @@ def generate_file(
         generator += f"+{config.rules.label}"  # e.g. gemma-3-270m+urial-r+rules
 
     start = time.perf_counter()
-    rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator, progress=True)
+    rows = answer_prompts(model, tokenizer, renderer, prompts, config, generator, progress=True, backend=backend)
     seconds = time.perf_counter() - start
     write_jsonl_atomic(out_path, rows)
     n = len(rows)
-    return {
+    reasons = FINISH_REASONS + ((ENDED,) if any(r["finish_reason"] == ENDED for r in rows) else ())
+    summary = {
         "out": str(out_path),
         "count": n,
         "finished_share": sum(r["finished"] for r in rows) / n,
-        "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in rows) for reason in FINISH_REASONS},
+        "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in rows) for reason in reasons},
         "mean_tokens": sum(r["num_tokens"] for r in rows) / n,
         "seconds": round(seconds, 3),
         "prompts_per_s": round(n / seconds, 3) if seconds > 0 else None,
     }
+    if backend is not None:
+        summary["generation_backend"] = backend.info()
+    return summary
 
 
 def answer_prompts(model, tokenizer, renderer, prompts: list[dict], config: GenerationConfig, generator: str,
-                   *, progress: bool = False) -> list[dict]:
+                   *, progress: bool = False, backend=None) -> list[dict]:
     """Answer read_prompts() records: {"id", "instruction", "output", "finished", "finish_reason",
     "num_tokens", "generator"} each, in input order (the rows generate_file writes). finished is
-    finish_reason != "length" ("eos": a stop id, "stop": a stop string, "length": max_new_tokens)."""
+    finish_reason != "length" ("eos": a stop id, "stop": a stop string, "length": max_new_tokens;
+    "ended": a server's reply that stopped at one of the first two, it does not say which).
+    backend: another generation backend (rtune.infer.backends) instead of `model`."""
     ids = [renderer.render_prompt(p["instruction"]) for p in prompts]
-    gens = generate_ids(model, tokenizer, renderer, ids, config, progress=progress)
+    if backend is None:
+        gens = generate_ids(model, tokenizer, renderer, ids, config, progress=progress)
+    else:
+        found: dict = {}
+        backend.generate([{str(i): p for i, p in enumerate(ids)}], config, found.update, progress=progress)
+        gens = [found[str(i)] for i in range(len(ids))]
     return [
         {
             "id": p["id"],

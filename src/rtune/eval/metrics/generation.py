@@ -14,7 +14,9 @@ from rtune.eval.metrics.intervals import estimate
 from rtune.eval.results import metric
 
 # How a reply ended, as rtune.infer.generate writes it (not imported from there: that pulls in torch).
-FINISH_REASONS = ("eos", "stop", "length")
+# "ended": a server said the reply stopped but not whether at EOS or a stop string (rtune eval --gen-url
+# against a server that returns neither token ids nor a stop reason); both rates leave such items out.
+FINISH_REASONS = ("eos", "stop", "length", "ended")
 
 
 def repeats_instruction(instruction: str, output: str) -> bool:
@@ -101,8 +103,8 @@ def generation_values(prompt: str, row: dict) -> dict:
         raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {reason!r}")
     output = row["output"]
     return {
-        "ends_with_eos": reason == "eos",
-        "stopped_at_stop_string": reason == "stop",
+        "ends_with_eos": None if reason == "ended" else reason == "eos",
+        "stopped_at_stop_string": None if reason == "ended" else reason == "stop",
         "cut_at_length": reason == "length",
         "echoes_instruction": repeats_instruction(prompt, output),
         "writes_instruction": writes_instruction(output),
