@@ -90,8 +90,13 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys, alpaca_file, tiny_model_pa
     assert all(r["num_tokens"] <= 6 for r in rows)
 
     merged = tmp_path / "merged"
-    code, _, err = run_cli(capsys, "merge", run, "--out", merged)
+    code, out, err = run_cli(capsys, "merge", run, "--out", merged)
     assert code == 0, err
+    from rtune.fingerprint import model_fingerprint
+    from rtune.infer.load import load_renderer
+
+    # The id rtune serve would report for it: what --gen-fingerprint takes for another server.
+    assert f"fingerprint {model_fingerprint(str(merged), load_renderer(str(merged)))['id']}" in out
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(merged)  # plain transformers loads it
