@@ -1,6 +1,9 @@
 """Models and helpers for the serve tests: tiny models of three architectures, one that never ends its
 reply, one with Gemma's real 262k-token tokenizer, and an Engine whose steps a test can hold."""
 
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -30,6 +33,19 @@ class GatedEngine(Engine):
         if self.fail is not None:
             raise self.fail
         return super().forward(*args, **kwargs)
+
+
+def _die_with_parent():
+    """In the child: SIGTERM when the test process dies, so a killed test run leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def popen_server(args: list[str], **kwargs) -> subprocess.Popen:
+    """`python -m rtune ARGS` as a child that goes when the test process goes (on Linux)."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen([sys.executable, "-m", "rtune", *args], preexec_fn=preexec, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import signal
 import socket
 import string
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from conftest import TIMEOUT
+from conftest import TIMEOUT, popen_server
 
 from rtune.render import Renderer
 from rtune.serve.app import create_app
@@ -195,9 +194,8 @@ def test_a_client_that_disconnects_cancels_its_job(endless_model_path):
 
 def test_sigterm_stops_a_server_in_the_middle_of_a_batch(endless_model_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "rtune", "serve", str(endless_model_path), "--port", "0",
-                             "--model-name", "m", "--max-tokens-limit", "8000"], stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = popen_server(["serve", str(endless_model_path), "--port", "0", "--model-name", "m", "--max-tokens-limit",
+                         "8000"], stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     pool = ThreadPoolExecutor(4)

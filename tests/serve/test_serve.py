@@ -10,7 +10,6 @@ import queue
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
+from conftest import popen_server
 
 from rtune.infer.generate import GenerationConfig, generate_ids
 from rtune.infer.load import load_for_inference
@@ -518,8 +518,8 @@ def test_api_key_is_required_and_never_logged(loaded, caplog):
 def test_rtune_serve_command(tiny_model_path):
     """`rtune serve --port 0` prints the port it got, serves, and stops on SIGTERM."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "RTUNE_API_KEY": "k-env"}
-    proc = subprocess.Popen([sys.executable, "-m", "rtune", "serve", str(tiny_model_path), "--port", "0",
-                             "--model-name", "tiny-cli"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = popen_server(["serve", str(tiny_model_path), "--port", "0", "--model-name", "tiny-cli"],
+                        stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
