@@ -417,10 +417,11 @@ def score_items(loaded: LoadedModel, bench, prompt_ids: list[list[int]], rows: l
         if ref_items:
             pairs = [(it.prompt, it.reference) for it in bench.items if it.reference is not None]
             index = {i: n for n, i in enumerate(j for j, it in enumerate(bench.items) if it.reference is not None)}
-            ranking = ins.ranking_values(loaded.model, loaded.renderer, pairs, config.ranking_k, config.seed)
-            nll = ins.nll_values(loaded.model, loaded.renderer, [pairs[index[i]] for i in ref_items])
-            for i, v in zip(ref_items, nll):
-                values[i].update(ranking[index[i]], **v)
+            # Ranking and NLL in one pass over the model (the own response's score is both).
+            found = ins.reference_values(loaded.model, loaded.renderer, pairs, config.ranking_k, config.seed,
+                                         only=[index[i] for i in ref_items])
+            for i, v in zip(ref_items, found):
+                values[i].update(v)
         if config.shift and loaded.base_spec is not None:
             with _base_model(loaded) as base:
                 shift = ins.shift_values(base, [prompt_ids[i] for i in todo], [rows[i]["token_ids"] for i in todo])

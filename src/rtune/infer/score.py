@@ -21,6 +21,7 @@ instructions? See `ranking_from_scores` for the exact definition used here.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,53 +84,211 @@ def scored_tokens(
 
 
 # -- the model --------------------------------------------------------------------------------------
+# Rows per forward pass are bounded by tokens, not by a count: on CPUs a forward pass costs a fixed
+# part (bf16 weights are re-packed for the matmul kernels at every call) plus a part per token, so
+# few large passes beat many small ones; the bound keeps activations and KV caches small.
+MAX_BATCH_TOKENS = 8192  # rows x (cached prefix + row width) per forward pass
+
+
+@dataclass(frozen=True)
+class RowScore:
+    """The scored tokens of one row: log p of each, and (when asked) how many vocabulary entries the
+    model rated strictly higher than it, counted up to `rank_cap` (0 = the model's top-1)."""
+
+    logprobs: list[float]
+    ranks: list[int] | None = None
+
+
 def _device(model):
     return next(model.parameters()).device
 
 
-def _row_logprob(logits: torch.Tensor, row: list[int]) -> float:
-    """Sum of log p(row[t+1] | row[:t+1]) from one row's logits (position t predicts token t+1)."""
-    n = len(row) - 1
-    row_logits = logits[:n].float()  # fp32 for the normalisation, whatever the model's dtype
-    targets = torch.tensor(row[1:], device=row_logits.device)
-    picked = row_logits.gather(-1, targets[:, None]).squeeze(-1)
-    # logit - logsumexp, not log_softmax: over Gemma's 262k vocabulary an fp32 log_softmax is off by
-    # about 1e-5 per token (against float64), logsumexp by about 1e-7.
-    return (picked - torch.logsumexp(row_logits, dim=-1)).sum().item()
+def _head_of(model):
+    """(decoder body, output weight, final logit soft-cap) of `model`, or None to use its full logits."""
+    from rtune.train.loss import causal_lm_parts
+
+    parts = causal_lm_parts(model)
+    return None if parts is None else (parts[0], parts[1].weight, parts[2])
 
 
-def _prefix_cache(model, ids: list[int]):
-    """The KV cache of `ids` (batch of one), or None when there is nothing to cache."""
-    if not ids:
-        return None
-    out = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=True)
-    return out.past_key_values
+def _position_scores(tile, n: int, vocab: int, targets: torch.Tensor, rank_cap: int, device_type: str):
+    """(log p of each target [n], capped ranks [n] or None) from `tile(rows, start, end)`: the logits of
+    positions `rows` over vocabulary entries [start, end), in the model's dtype.
+
+    Rows go in chunks and the vocabulary in tiles (rtune.train.loss.tiling: on CPUs a tile's fp32
+    logits stay in cache), the log-sum-exp online over the tiles. Each tile is cast to fp32 as the
+    model's logits would be, so the values are those of log_softmax over the model's own logits.
+    A rank is the number of entries strictly above the target's logit, up to rank_cap: kept as the
+    running top rank_cap logits, so ties count for the target.
+    """
+    from rtune.train.loss import tiling
+
+    chunk, width = tiling(n, vocab, device_type)
+    logprobs = torch.empty(n, dtype=torch.float32, device=targets.device)
+    ranks = torch.empty(n, dtype=torch.long, device=targets.device) if rank_cap else None
+    for r0 in range(0, n, chunk):
+        rows = slice(r0, min(n, r0 + chunk))
+        t = targets[rows]
+        m = t.size(0)
+        run_max = torch.full((m,), -math.inf, device=t.device)
+        run_sum = torch.zeros(m, device=t.device)
+        target_logit = torch.zeros(m, device=t.device)
+        top = torch.full((m, rank_cap), -math.inf, device=t.device) if rank_cap else None
+        for v0 in range(0, vocab, width):
+            z = tile(rows, v0, min(vocab, v0 + width)).float()
+            hit = ((t >= v0) & (t < v0 + z.size(1))).nonzero().squeeze(1)
+            target_logit[hit] = z[hit, t[hit] - v0]
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+            if rank_cap:
+                k = min(rank_cap, z.size(1))
+                top = torch.cat([top, z.topk(k, dim=1).values], dim=1).topk(rank_cap, dim=1).values
+        logprobs[rows] = target_logit - (run_max + run_sum.log())
+        if rank_cap:
+            ranks[rows] = (top > target_logit[:, None]).sum(dim=1)
+    return logprobs, ranks
 
 
-def _batch_logprobs(model, cache, rows: list[list[int]]) -> list[float]:
-    """Summed log-probs of rows[b][1:] for each row, continuing from `cache` (right-padded batch)."""
+def _forward_hidden(model, parts, **inputs):
+    """(last hidden states, or the full logits when the model has no separate output layer; the cache)."""
+    if parts is not None:
+        out = parts[0](**inputs)
+        return out.last_hidden_state, out.past_key_values
+    out = model(**inputs)
+    return out.logits, out.past_key_values
+
+
+def _score_positions(model, parts, states: torch.Tensor, targets: list[int], rank_cap: int):
+    """Scores of the positions `states` [n, H] (hidden states, or logits without `parts`) for `targets`."""
+    target = torch.tensor(targets, device=states.device)
+    if parts is None:
+        vocab = states.size(-1)
+        return _position_scores(lambda rows, a, b: states[rows, a:b], states.size(0), vocab, target, rank_cap,
+                                states.device.type)
+    _, weight, softcap = parts
+
+    def tile(rows, a, b):
+        z = torch.nn.functional.linear(states[rows], weight[a:b])  # the output layer's matmul, in its dtype
+        if softcap:  # as the model applies it (transformers' Gemma 2 / 3): divide, tanh, multiply
+            z = (z / softcap).tanh() * softcap
+        return z
+
+    return _position_scores(tile, states.size(0), weight.size(0), target, rank_cap, states.device.type)
+
+
+def _batches(items: list, cost, limit: int) -> list[list]:
+    """`items` cut into consecutive batches whose cost(batch) stays within `limit` (at least one item each)."""
+    out: list[list] = []
+    for item in items:
+        if out and cost(out[-1] + [item]) <= limit:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def _run_plain(model, parts, rows, indices: list[int], rank_cap, max_tokens, results) -> None:
+    """rows[i] for i in `indices` as whole sequences (prefix + targets), right-padded, several per forward pass."""
     device = _device(model)
-    width = max(len(r) for r in rows)
-    input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # pad id 0: masked and never scored
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, : len(row)] = 1
-    past = None
-    if cache is not None:
-        # The forward pass appends to the cache it is given: work on a copy so the prefix cache
-        # stays as it is for the next batch, then repeat it for every row of this batch.
+    order = sorted(indices, key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+    seqs = {i: rows[i][0] + rows[i][1][:-1] for i in order}  # the last target predicts nothing: not fed
+    for batch in _batches(order, lambda b: len(b) * len(seqs[b[0]]), max_tokens):
+        width = len(seqs[batch[0]])
+        ids = torch.zeros((len(batch), width), dtype=torch.long)  # pad id 0: masked and never scored
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, i in enumerate(batch):
+            ids[b, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[b, : len(seqs[i])] = 1
+        positions = torch.arange(width).expand(len(batch), -1)
+        states, _ = _forward_hidden(model, parts, input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), use_cache=False)
+        picked = [(b, len(rows[i][0]) - 1, len(rows[i][1])) for b, i in enumerate(batch)]
+        _collect(model, parts, states, picked, [rows[i][1] for i in batch], batch, rank_cap, results)
+
+
+def _run_shared(model, parts, prefix: list[int], members: list, rows, rank_cap, max_tokens, results) -> None:
+    """Rows of one group of prefixes, each prefix's KV cache computed once for all its rows.
+
+    `members[g]` lists the rows continuing prefix g. Pass 1 runs the prefixes (all but their last
+    token) left-padded, so every real token keeps its position; pass 2 continues every row from its
+    prefix's cache rows: the prefix's last token again (its logits predict the first target), then
+    the targets, right-padded. Pads are masked and never scored.
+    """
+    device = _device(model)
+    lengths = [len(p) for p in prefix]
+    width = max(lengths) - 1
+    ids = torch.zeros((len(prefix), width), dtype=torch.long)
+    mask = torch.zeros((len(prefix), width), dtype=torch.long)
+    for g, p in enumerate(prefix):
+        ids[g, width - len(p) + 1 :] = torch.tensor(p[:-1])
+        mask[g, width - len(p) + 1 :] = 1
+    positions = (torch.arange(width) - (width + 1 - torch.tensor(lengths))[:, None]).clamp(min=0)
+    _, cache = _forward_hidden(model, parts, input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), use_cache=True)
+    owner = {i: g for g, rows_of in enumerate(members) for i in rows_of}
+    order = sorted(owner, key=lambda i: len(rows[i][1]), reverse=True)
+    for batch in _batches(order, lambda b: len(b) * (width + len(rows[b[0]][1])), max_tokens):
+        cols = len(rows[batch[0]][1])
+        row_ids = torch.zeros((len(batch), cols), dtype=torch.long)
+        row_mask = torch.zeros((len(batch), cols), dtype=torch.long)
+        for b, i in enumerate(batch):
+            seq = [prefix[owner[i]][-1]] + rows[i][1][:-1]
+            row_ids[b, : len(seq)] = torch.tensor(seq)
+            row_mask[b, : len(seq)] = 1
+        index = torch.tensor([owner[i] for i in batch])
+        # The forward pass appends to the cache it is given: each batch continues its own copy.
         past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(rows))
-        prefix_mask = torch.ones((len(rows), cache.get_seq_length()), dtype=torch.long)
-        attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
-    out = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        past_key_values=past,
-        use_cache=past is not None,
-    )
-    return [_row_logprob(out.logits[b], row) for b, row in enumerate(rows)]
+        past.batch_select_indices(index.to(device))
+        row_positions = torch.tensor([lengths[owner[i]] - 1 for i in batch])[:, None] + torch.arange(cols)
+        states, _ = _forward_hidden(model, parts, input_ids=row_ids.to(device),
+                                    attention_mask=torch.cat([mask[index], row_mask], dim=1).to(device),
+                                    position_ids=row_positions.to(device), past_key_values=past, use_cache=True)
+        picked = [(b, 0, len(rows[i][1])) for b, i in enumerate(batch)]
+        _collect(model, parts, states, picked, [rows[i][1] for i in batch], batch, rank_cap, results)
+
+
+def _collect(model, parts, states, picked, targets, batch, rank_cap, results) -> None:
+    """Score positions [start, start + n) of each batch row b in `picked`; store them per row index."""
+    flat = torch.cat([states[b, start : start + n] for b, start, n in picked])
+    logprobs, ranks = _score_positions(model, parts, flat, [t for ts in targets for t in ts], rank_cap)
+    logprobs, ranks = logprobs.tolist(), ranks.tolist() if ranks is not None else None
+    at = 0
+    for (_, _, n), i in zip(picked, batch):
+        results[i] = RowScore(logprobs[at : at + n], ranks[at : at + n] if ranks is not None else None)
+        at += n
+
+
+def score_rows(model, rows: list[tuple[list[int], list[int]]], rank_cap: int = 0,
+               max_tokens: int = MAX_BATCH_TOKENS) -> list[RowScore]:
+    """Score the targets of each row (prefix ids, target ids) given its prefix, in input order.
+
+    Rows that share a prefix share its KV cache: the prefix runs once (pass 1), its rows continue
+    from it (pass 2); a prefix of its own runs with its row as one sequence. Either way, many rows
+    go into each forward pass, up to `max_tokens` (rows x padded width, cached prefix included);
+    the output layer runs only at the scored positions (see _position_scores). `rank_cap` > 0 also
+    gives each target's rank (see RowScore). The model should be in eval mode.
+    """
+    for prefix, targets in rows:
+        if not prefix or not targets:
+            raise RtuneError("a scored row needs a non-empty prefix and at least one target token")
+    parts = _head_of(model)
+    groups: dict[tuple, list[int]] = {}
+    for i, (prefix, _) in enumerate(rows):
+        groups.setdefault(tuple(prefix), []).append(i)
+    shared = [(list(p), members) for p, members in groups.items() if len(members) > 1 and len(p) > 1]
+    plain = [i for p, members in groups.items() if not (len(members) > 1 and len(p) > 1) for i in members]
+    results: list[RowScore | None] = [None] * len(rows)
+    with torch.inference_mode():
+        if plain:
+            _run_plain(model, parts, rows, plain, rank_cap, max_tokens, results)
+        # Groups of prefixes of similar length together (less padding in pass 1).
+        shared.sort(key=lambda g: len(g[0]), reverse=True)
+        cost = lambda gs: max(len(p) for p, _ in gs) * sum(len(m) for _, m in gs)  # noqa: E731  (cache rows)
+        for chunk in _batches(shared, cost, max_tokens):
+            _run_shared(model, parts, [p for p, _ in chunk], [m for _, m in chunk], rows, rank_cap, max_tokens,
+                        results)
+    return results  # type: ignore[return-value]
 
 
 # -- public API -------------------------------------------------------------------------------------
@@ -144,7 +303,7 @@ def score_responses(
     """Log-likelihood of each response given `instruction` (None: given no instruction), in input order.
 
     The model should be in eval mode (rtune's loaders return it so). The prompt prefix runs once;
-    candidates are scored in batches of `batch_size` continuing from its KV cache.
+    candidates are scored continuing from its KV cache, `batch_size` at most per forward pass.
     """
     if batch_size < 1:
         raise RtuneError(f"batch_size must be >= 1, got {batch_size}")
@@ -154,22 +313,12 @@ def score_responses(
     prefix = split[0][0]
     if any(p != prefix for p, _ in split):
         raise RtuneError("the candidates rendered with different prompt prefixes; they cannot share a cache")
-    targets = [t for _, t in split]
-
-    # Longest first: similar lengths share a batch (less padding), and running out of memory shows at once.
-    order = sorted(range(len(targets)), key=lambda i: len(targets[i]), reverse=True)
-    scores: list[ResponseScore | None] = [None] * len(targets)
-    with torch.inference_mode():
-        # The cache holds the prefix but its last token. That token is fed again at the start of
-        # every row, so its logits (which predict the first response token) come out of the batch
-        # like all the others.
-        cache = _prefix_cache(model, prefix[:-1])
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = [[prefix[-1]] + targets[i] for i in idx]
-            for i, logprob in zip(idx, _batch_logprobs(model, cache, rows)):
-                scores[i] = ResponseScore(logprob=logprob, num_tokens=len(targets[i]))
-    return scores  # type: ignore[return-value]
+    scores = []
+    for start in range(0, len(split), batch_size):
+        for (_, targets), row in zip(split[start : start + batch_size],
+                                     score_rows(model, split[start : start + batch_size])):
+            scores.append(ResponseScore(logprob=sum(row.logprobs), num_tokens=len(targets)))
+    return scores
 
 
 def score_pairs(
