@@ -116,6 +116,7 @@ def plan(grid: Grid, out: Path) -> dict:
         done += ", trained" if r["trained"] else ""
         print(f"  {r['cell']}: {done}; ~{r['train_tokens_estimate']:,} training tokens ({r['basis']})")
     print(f"ESTIMATE: ~{total_tokens:,} training tokens; ~{gpu_hours:,.1f} H100 GPU-hours at {MFU:.0%} MFU "
-          "(known model sizes only; 4 N per trained token with LoRA, 2 N per generated token)")
+          "(known model sizes only; 4 N per trained token with LoRA, 2 N per generated token; decoding is "
+          "memory-bound, so real generation takes longer)")
     return {"cells": rows, "evaluations": evaluations, "prompts_per_evaluation": prompts, "generations": generations,
             "train_tokens_estimate": total_tokens, "gpu_hours_estimate": gpu_hours, "estimate": True}
