@@ -32,6 +32,15 @@ def _model(kind: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     elif kind == "gpt2":  # learned absolute positions: a wrong position id changes its outputs
         model = tiny.tiny_gpt2(tok)
+    elif kind == "lora":  # a PEFT model, as a LoRA run is served (random adapter weights: they change outputs)
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        path = tiny.tiny_model_dir(tiny_dir(), tokenizer=tok)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(base, config).eval()
     else:  # sliding-window layers of 6 tokens: prompts and replies are longer than the window
         model = gemma3_model(tok)
     return model, tok, renderer
@@ -107,7 +116,7 @@ async def _send(client, kind, body):
     return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3", "lora"])
 def test_mixed_requests_share_the_batch_and_answer_as_alone(kind):
     model, tok, renderer = _model(kind)
     requests = _requests(model, tok, renderer)
@@ -241,3 +250,29 @@ def test_a_long_prompt_is_fed_in_chunks_between_the_running_rows_steps(tiny_mode
     assert len(chunks) >= 10
     steps_between = [s for s in shapes[chunks[0] : chunks[-1]] if s[1] == 1]
     assert len(steps_between) >= len(chunks) - 1  # a decode step of the stream between every two chunks
+
+
+def test_bf16_on_the_cpu_batches_mixed_requests(tiny_model_path):
+    """bf16 weights (the KV cache, its padding and the logits in bf16; tokens chosen in fp32)."""
+    from rtune.infer.load import load_for_inference
+
+    model, tok, renderer = load_for_inference(str(tiny_model_path), dtype=torch.bfloat16, device="cpu")
+    engine = Engine(model, tok, renderer, "m")
+    app = create_app(engine, max_batch_size=3, batch_wait_ms=0)
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": p}], "temperature": t, "max_tokens": n, "seed": 1}
+              for p, t, n in zip(PROMPTS, [0, 0.7, 0, 1.0, 0], [3, 20, 9, 30, 12])]
+
+    async def together():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        try:
+            return await asyncio.gather(*(_send(client, "chat", b) for b in bodies))
+        finally:
+            await client.close()
+
+    with ServerThread(app) as server:
+        got = asyncio.run(together())
+        card = openai.OpenAI(base_url=server.url + "/v1", api_key="none").models.list().data[0]
+    assert card.dtype == "bf16"
+    assert all(tokens <= b["max_tokens"] + 1 and reason in ("stop", "length") for b, (_, reason, tokens) in zip(bodies, got))
+    stats = app.state.models["m"].scheduler.snapshot()
+    assert stats["finished"] == len(bodies) and stats["joined_running"] >= 1 and stats["mixed_steps"] >= 1
