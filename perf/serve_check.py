@@ -37,8 +37,7 @@ import serve_load  # noqa: E402  (perf/serve_load.py: the server and the load lo
 
 
 def uptime() -> str:
-    with open("/proc/loadavg") as f:
-        return "load average " + ", ".join(f.read().split()[:3])
+    return serve_load.load_average()
 
 
 def post(url: str, path: str, body: dict, timeout: float = 300) -> tuple[int, dict, float]:

@@ -347,6 +347,15 @@ def main() -> int:
     return 1 if failures else 0
 
 
+def load_average() -> str:
+    """The machine's load (client and server share it; other work on it skews the figures)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return "load average " + ", ".join(f.read().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
 def server_stats(url: str, key: str | None) -> dict:
     """The first model's scheduler counters from /stats ({} when there are none)."""
     status, _, data = http_request(url, "GET", "/stats", key=key)
@@ -393,7 +402,7 @@ async def measure(a, url: str) -> list[str]:
                                                     stats0.get("context_length"), 1 << 20, a.request_timeout)
             tally = tallies[clients] = await phase
             after = await asyncio.to_thread(server_stats, url, a.api_key)
-            print(tally.summary(f"{clients} client{'s' if clients > 1 else ''}"), flush=True)
+            print(tally.summary(f"{clients} client{'s' if clients > 1 else ''}") + f" ({load_average()})", flush=True)
             print(f"  statuses {dict(sorted(tally.statuses.items(), key=str))}; server: {steps_between(before, after)}",
                   flush=True)
             unexpected = {s: n for s, n in tally.statuses.items() if s not in ALLOWED}
