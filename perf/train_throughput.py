@@ -74,7 +74,6 @@ VARIANTS = {
     "rtune-2x4-packed": {"batch_size": 2, "grad_accum": 4, "packing": True, "group_by_length": False},
     "rtune-4x2-packed": {"batch_size": 4, "grad_accum": 2, "packing": True, "group_by_length": False},
     "rtune-8x512": {},
-    "rtune-nockpt-8x512": {"checkpoint_tokens": 0},  # before checkpoint_tokens: every layer keeps its activations
     "rtune-gc-8x512": {"gradient_checkpointing": True},
     "rtune-packed-8x512": {"packing": True, "group_by_length": False},
     "rtune-gc-packed-8x512": {"gradient_checkpointing": True, "packing": True, "group_by_length": False},
