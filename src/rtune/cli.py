@@ -27,7 +27,8 @@ EXAMPLES = {
     "model fetch": "rtune model fetch gemma-3-270m",
     "report": "rtune report evals/demo --out reports/demo",
     "experiment": "rtune experiment examples/cpu-grid.yaml --out experiments/cpu-grid",
-    "serve": "rtune serve runs/rt --port 8000",
+    "serve": "rtune serve base=gemma-3-270m urial=gemma-3-270m+urial-r rt=runs/rt it=runs/it --port 8000",
+    "rate": "rtune rate evals/demo --port 8000",
 }
 
 
@@ -322,10 +323,24 @@ def cmd_serve(a) -> None:
         raise RtuneError("--rules is not available on serve yet (its engine has no per-request logits processor); "
                          "use rtune generate, chat or eval with --rules")
     template, icl_file = _plain_format(a)
-    serve(a.model, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=template,
+    if not a.models and not a.endpoint and not a.rate:
+        raise RtuneError("serve what? give MODEL_OR_RUN (or NAME=MODEL_OR_RUN ...), --endpoint NAME=URL "
+                         "or --rate EVAL_DIR")
+    models = a.models[0] if len(a.models) == 1 else a.models
+    extra = {"endpoints": a.endpoint} if a.endpoint else {}
+    if a.rate:
+        extra["rate_dir"] = a.rate
+    serve(models, host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), template=template,
           **({"icl_file": icl_file} if icl_file else {}), model_name=a.model_name, dtype=a.dtype, max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms,
           max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens,
-          max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens, max_stop_chars=a.max_stop_chars)
+          max_tokens_limit=a.max_tokens_limit, max_prompt_tokens=a.max_prompt_tokens, max_stop_chars=a.max_stop_chars,
+          **extra)
+
+
+def cmd_rate(a) -> None:
+    from rtune.serve.server import api_key_from_env, serve
+
+    serve([], host=a.host, port=a.port, api_key=api_key_from_env(a.api_key), rate_dir=a.eval_dir)
 
 
 def cmd_model_fetch(a) -> None:
@@ -520,12 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = _parser(sub, "serve", "an OpenAI-compatible server (chat, completions, logprobs, streaming; batched)",
-                "Serve /v1/models, /v1/chat/completions (rendered with the model's own template) and "
-                "/v1/completions on HOST:PORT until Ctrl-C or SIGTERM. Requests share one running batch "
+    p = _parser(sub, "serve", "an OpenAI-compatible server and a side-by-side chat page (several models; batched)",
+                "Serve /v1/models, /v1/chat/completions (rendered with each model's own template) and "
+                "/v1/completions on HOST:PORT until Ctrl-C or SIGTERM, and a chat page at / that sends one "
+                "prompt to 2-4 models side by side. Requests share one running batch per loaded model "
                 "(continuous batching: they join and leave it between steps); a full queue answers 429, a "
                 "request over the limits 400. Loopback only by default.")
-    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("models", nargs="*", metavar="[NAME=]MODEL_OR_RUN[+FORMAT]",
+                   help="one model, or several each named: base=gemma-3-270m rt=runs/rt it=runs/it; +urial, "
+                        "+urial-r or +zero-shot prompts a plain model in context (urial=gemma-3-270m+urial-r "
+                        "shares the base's weights)")
+    p.add_argument("--endpoint", action="append", default=None, metavar="NAME=URL[#MODEL]",
+                   help="a model behind another OpenAI-compatible server, proxied for the page (repeatable); "
+                        "its API key from $RTUNE_ENDPOINT_KEY_<NAME>")
+    p.add_argument("--rate", default=None, metavar="EVAL_DIR",
+                   help="blind pairwise rating of this rtune eval folder at /rate (ratings in EVAL_DIR/human/)")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (logged)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -547,6 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 400 (default 1 MiB)")
     p.set_defaults(func=cmd_serve)
+
+    p = _parser(sub, "rate", "blind human rating of an rtune eval folder in the browser (the rating page alone)",
+                "Serve the rating page at http://HOST:PORT/rate: two models' answers to the same item, sides "
+                "drawn at random and names hidden; the rater picks A, B or a tie and marks each answer "
+                "acceptable or not. Ratings are appended to EVAL_DIR/human/<rater>.jsonl; rtune report shows "
+                "them. Loopback only by default.")
+    p.add_argument("eval_dir", metavar="EVAL_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (logged)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: the RTUNE_API_KEY environment variable)")
+    p.set_defaults(func=cmd_rate)
 
     model = sub.add_parser("model", help="built-in offline models")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")

@@ -9,7 +9,10 @@ the API key and the body size.
 
 The routes are module-level functions on `router`; what they share lives in `app.state`: the
 served models by name (each an Engine and its Scheduler: a request picks one with `model`), the
-limits, and the render thread. Chat messages are rendered with the model's own rtune template
+endpoints of other servers by name (rtune.serve.proxy), the evaluation being rated (rtune.serve.
+rating), the limits, and the render thread. Engines over the same loaded model (one set of weights
+under several templates, such as base and base+urial-r) share one Scheduler: one running batch,
+each job ending at its own template's stops. The pages (rtune.serve.page) are served beside the API. Chat messages are rendered with the model's own rtune template
 (`Renderer.render_chat_prompt`) on the render thread; raw /v1/completions prompts (text, token ids,
 or lists of either) are tokenized as the tokenizer does, and end only at the model's end ids, the
 request's `stop` strings and `stop_token_ids`. Jobs then go to the model's scheduler (continuous
@@ -36,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rtune.errors import RtuneError
+from rtune.serve import proxy
 from rtune.serve.engine import Engine, Job, Result, Settings, TokenLogprob
 from rtune.serve.middleware import ServeMiddleware, error_body
 from rtune.serve.scheduler import QueueFull, Scheduler, ShuttingDown
@@ -238,56 +242,89 @@ class Limits:
 
 @dataclass(frozen=True)
 class Served:
-    """One model behind the server: its engine and the scheduler that runs it."""
+    """One model behind the server: its engine and the scheduler that runs it (shared by the engines
+    over the same weights: then `scheduler.engine` may be another of them)."""
 
     engine: Engine
     scheduler: Scheduler
 
 
-def create_app(engines: Engine | list[Engine], *, api_key: str | None = None, max_batch_size: int = 16,
+def _schedulers(app) -> list[Scheduler]:
+    return list({id(s.scheduler): s.scheduler for s in app.state.models.values()}.values())
+
+
+def create_app(engines: Engine | list[Engine] = (), *, api_key: str | None = None, max_batch_size: int = 16,
                batch_wait_ms: float = 10.0, max_queue: int = 64, max_body_bytes: int = 1 << 20, max_tokens: int = 512,
-               max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096) -> FastAPI:
+               max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096,
+               endpoints=(), rate_dir=None) -> FastAPI:
     """The server's ASGI app around one Engine or several (run it with uvicorn, or
-    `rtune.serve.server.serve`); each engine gets its own scheduler (one running batch per model).
+    `rtune.serve.server.serve`); each loaded model gets one scheduler (one running batch), shared by
+    the engines that use that model object under other templates.
+
+    endpoints: rtune.serve.specs.EndpointSpec of models behind other servers (proxied); rate_dir: an
+    evaluation folder to rate blind at /rate (the only folder ratings are written under). A server
+    may serve the rating page alone (no engine).
 
     max_tokens is the chat default when a request sets none (/v1/completions: 16, as OpenAI's);
     replies are capped by max_tokens_limit and the context window."""
+    from rtune.serve import page, proxy, rating
+    from rtune.serve.middleware import OPEN_PATHS
+
     engines = [engines] if isinstance(engines, Engine) else list(engines)
-    if not engines or len({e.name for e in engines}) != len(engines):
-        raise RtuneError("serve at least one model, each under its own name")
+    names = [e.name for e in engines] + [e.name for e in endpoints]
+    if len(set(names)) != len(names):
+        raise RtuneError("each served model and endpoint needs its own name")
+    endpoints = {e.name: e for e in endpoints}
+    rated = rating.RatingSet.load(rate_dir) if rate_dir is not None else None
+    if not names and rated is None:
+        raise RtuneError("serve at least one model (or an endpoint, or an evaluation to rate)")
     limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, max_stop_chars).check()
-    models = {e.name: Served(e, Scheduler(e, max_batch_size=max_batch_size, max_queue=max_queue,
-                                          max_wait_s=batch_wait_ms / 1000)) for e in engines}
+    by_weights: dict[int, Scheduler] = {}
+    models = {}
+    for e in engines:
+        scheduler = by_weights.get(id(e.model))
+        if scheduler is None:
+            scheduler = by_weights[id(e.model)] = Scheduler(e, max_batch_size=max_batch_size, max_queue=max_queue,
+                                                            max_wait_s=batch_wait_ms / 1000)
+        models[e.name] = Served(e, scheduler)
     render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtune-render")
 
     @asynccontextmanager
     async def lifespan(app):
         for served in models.values():
             await asyncio.to_thread(lambda e=served.engine: e.fingerprint)  # hashed once, before serving
-            served.scheduler.start()
+        for scheduler in _schedulers(app):
+            scheduler.start()
+        app.state.proxy_client = proxy.new_client() if endpoints else None
         try:
             yield
         finally:
-            for served in models.values():
-                await served.scheduler.stop()
+            for scheduler in _schedulers(app):
+                await scheduler.stop()
+            if app.state.proxy_client is not None:
+                await app.state.proxy_client.aclose()
             render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="rtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.limits, app.state.render_pool = models, limits, render_pool
+    app.state.endpoints, app.state.rating, app.state.proxy_client = endpoints, rated, None
     app.state.started = int(time.time())
-    app.add_middleware(ServeMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(ServeMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       open_paths=OPEN_PATHS | page.OPEN_PATHS)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_error)
     app.include_router(router)
+    app.include_router(page.router)
+    app.include_router(rating.router)
     return app
 
 
 def stop_generating(app) -> None:
     """Stop every model's generation now (from a signal handler too): waiting and running requests
     answer 503 and the server can shut down within a step."""
-    for served in app.state.models.values():
-        served.scheduler.request_stop()
+    for scheduler in _schedulers(app):
+        scheduler.request_stop()
 
 
 async def _api_error(request, e: ApiError):
@@ -307,12 +344,13 @@ async def _request_error(request, e: RequestValidationError):
 # -- helpers of the routes ----------------------------------------------------------------------------
 def _served(request: Request, name: str | None) -> Served:
     models = request.app.state.models
-    if name is None:
-        if len(models) > 1:
-            raise ApiError(400, f"'model' is required: this server serves {sorted(models)}", "model", "missing_field")
+    every = sorted([*models, *request.app.state.endpoints])
+    if name is None and len(models) == 1 and not request.app.state.endpoints:
         return next(iter(models.values()))
+    if name is None:
+        raise ApiError(400, f"'model' is required: this server serves {every}", "model", "missing_field")
     if name not in models:
-        raise ApiError(404, f"the model {name!r} does not exist: this server serves {sorted(models)}", "model",
+        raise ApiError(404, f"the model {name!r} does not exist: this server serves {every}", "model",
                        "model_not_found")
     return models[name]
 
@@ -381,6 +419,9 @@ def _settings(request: Request, engine: Engine, req: _Decoding, max_new: int, ra
 
 
 def _submit(served: Served, jobs: list[Job]) -> list[asyncio.Future]:
+    if served.engine is not served.scheduler.engine:  # same weights, this name's template
+        for job in jobs:
+            job.stops_from = served.engine
     try:
         return served.scheduler.submit(jobs)
     except QueueFull as e:
@@ -471,7 +512,7 @@ def _stream(served: Served, job: Job, chunk, final_chunks) -> StreamingResponse:
 def _model_card(request: Request, engine: Engine) -> dict:
     return {"id": engine.name, "object": "model", "created": request.app.state.started, "owned_by": "rtune",
             "max_model_len": engine.context, "dtype": engine.dtype, "device": engine.device.type,
-            "rtune_fingerprint": engine.fingerprint}
+            "rtune_fingerprint": engine.fingerprint, "rtune_template": engine.renderer.template_name}
 
 
 # -- routes -------------------------------------------------------------------------------------------
@@ -486,7 +527,9 @@ async def health():
 @router.get("/stats")
 async def stats(request: Request):
     limits: Limits = request.app.state.limits
-    return {"models": {name: {"context_length": s.engine.context, "dtype": s.engine.dtype, **s.scheduler.snapshot()}
+    # Names over shared weights share a scheduler: "batch" names it, and its counters are the batch's.
+    return {"models": {name: {"context_length": s.engine.context, "dtype": s.engine.dtype,
+                              "batch": s.scheduler.engine.name, **s.scheduler.snapshot()}
                        for name, s in request.app.state.models.items()},
             "limits": {"max_tokens": limits.max_tokens, "max_tokens_limit": limits.max_tokens_limit,
                        "max_prompt_tokens": limits.max_prompt_tokens, "max_stop_chars": limits.max_stop_chars}}
@@ -494,11 +537,16 @@ async def stats(request: Request):
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(request, s.engine) for s in request.app.state.models.values()]}
+    state = request.app.state
+    return {"object": "list", "data": [_model_card(request, s.engine) for s in state.models.values()]
+            + [proxy.model_card(e, state.started) for e in state.endpoints.values()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str):
+    endpoint = request.app.state.endpoints.get(model_id)
+    if endpoint is not None:
+        return proxy.model_card(endpoint, request.app.state.started)
     return _model_card(request, _served(request, model_id).engine)
 
 
@@ -524,7 +572,11 @@ def _chat_messages(req: ChatRequest) -> list[dict]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    req: ChatRequest = parse_body(ChatRequest, await request.body())
+    body = await request.body()
+    endpoint = proxy.named_endpoint(request, body)
+    if endpoint is not None:
+        return await proxy.forward(request, endpoint, "chat/completions", body)
+    req: ChatRequest = parse_body(ChatRequest, body)
     served = _served(request, req.model)
     engine = served.engine
     messages = _chat_messages(req)
@@ -597,7 +649,11 @@ async def _completion_prompts(request: Request, engine: Engine, req: CompletionR
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    req: CompletionRequest = parse_body(CompletionRequest, await request.body())
+    body = await request.body()
+    endpoint = proxy.named_endpoint(request, body)
+    if endpoint is not None:
+        return await proxy.forward(request, endpoint, "completions", body)
+    req: CompletionRequest = parse_body(CompletionRequest, body)
     served = _served(request, req.model)
     engine = served.engine
     _refuse_unsupported(req)

@@ -68,6 +68,9 @@ class Job:
     cancelled: bool = False  # set by the client side: the job leaves the queue or the running batch
     arrived: float = 0.0  # monotonic time when queued
     future: object | None = field(default=None, repr=False)
+    # The engine the request named when it shares the scheduler's weights under another template
+    # (base and base+urial-r): its template's stops apply. None: the scheduler's own engine.
+    stops_from: Engine | None = field(default=None, repr=False)
 
 
 MIN_LOGPROB = -9999.0  # a token of probability 0 (a masked logit): JSON has no -Infinity

@@ -5,7 +5,8 @@ A plain ASGI middleware (no buffering of responses, so streams pass through as t
 - one log line per request: method, path, status, latency (never a body, a query or a header, so no
   prompt text and no key);
 - with an API key, `Authorization: Bearer KEY` is required (compared in constant time), else 401;
-  GET /health is open so that a supervisor can probe the server;
+  GET /health is open so that a supervisor can probe the server, and so are the pages' files
+  (rtune.serve.page: they hold no data; the API calls they make send the key);
 - a request body is read up to `max_body_bytes` before anything parses it: a larger one (by its
   Content-Length or, when chunked, as it arrives) is refused with 400 without reading the rest.
 """
@@ -37,8 +38,10 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
 
 
 class ServeMiddleware:
-    def __init__(self, app, *, api_key: str | None = None, max_body_bytes: int = 1 << 20):
+    def __init__(self, app, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+                 open_paths: frozenset = OPEN_PATHS):
         self.app = app
+        self.open_paths = open_paths  # served without the key (the health probe, the pages' static files)
         self._key = ("Bearer " + api_key).encode("utf-8") if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -62,7 +65,7 @@ class ServeMiddleware:
                 log()
 
         try:
-            if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            if self._key is not None and scope["path"] not in self.open_paths and not self._authorized(scope):
                 return await send_json(logged_send, 401, error_body(
                     "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                     "authentication_error", None, "invalid_api_key"), {"www-authenticate": "Bearer"})

@@ -1,7 +1,9 @@
 """Iteration-level scheduling ("continuous batching"): one running batch, stepped one token at a time.
 
-One Scheduler drives one Engine on its own model thread (a server with several models would run a
-scheduler per engine). Each iteration of its loop:
+One Scheduler drives one Engine on its own model thread (a server with several models runs one
+per set of weights: names that share weights under other templates, such as base and base+urial-r,
+share its batch, each job ending at its own template's stops, `Job.stops_from`). Each iteration of
+its loop:
 
 1. drops the rows and waiting jobs whose client went away (`Job.cancelled`);
 2. admits waiting jobs while the batch has room (`max_batch_size` rows, the group's padded prompts
@@ -279,7 +281,7 @@ class Scheduler:
     def _start_filling(self, jobs: list[Job]) -> None:
         """The new jobs as a left-padded group to feed (a job of max_tokens 0 is answered at once)."""
         for job in [j for j in jobs if j.settings.max_tokens == 0]:  # the prompt's log-probs only
-            self._finish_job(job, [], self.engine.stops(job.settings), time.monotonic())
+            self._finish_job(job, [], (job.stops_from or self.engine).stops(job.settings), time.monotonic())
         jobs = [j for j in jobs if j.settings.max_tokens > 0]
         if not jobs:
             return
@@ -319,7 +321,7 @@ class Scheduler:
             self._rows = self._rows + going
 
     def _new_row(self, job: Job) -> _Row:
-        stops = self.engine.stops(job.settings)
+        stops = (job.stops_from or self.engine).stops(job.settings)
         track = bool(stops.strings) or job.on_text is not None
         text = ReplyText(self.engine.decode_reply, stops.strings) if track else None
         return _Row(job, stops, frozenset(stops.all_ids), RowSampler(job.settings, self.engine.device), text,

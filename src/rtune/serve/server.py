@@ -20,6 +20,7 @@ import time
 from typing import Self
 
 from rtune.errors import RtuneError
+from rtune.redact import redact_url
 
 logger = logging.getLogger("rtune.serve")
 
@@ -79,42 +80,66 @@ def _uvicorn_server(app):
     return Server(config)
 
 
-def serve(model_or_run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(model_or_run: str | list[str] = (), *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           template: str | None = None, model_name: str | None = None, dtype: str | None = None,
           max_batch_size: int = 16, batch_wait_ms: float = 10.0, max_queue: int = 64,
           max_body_bytes: int = 1 << 20, max_tokens: int = 512, icl_file: str | None = None,
-          max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096) -> None:
-    """Load a model, run folder or merged folder and serve it until interrupted (Ctrl-C, SIGTERM).
+          max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192, max_stop_chars: int = 4096,
+          endpoints: list[str] = (), rate_dir: str | None = None) -> None:
+    """Load models, run folders or merged folders and serve them until interrupted (Ctrl-C, SIGTERM).
 
-    template urial | urial-r | zero-shot serves a plain model in context (demonstrations from icl_file)."""
-    from rtune.infer.load import load_for_inference
+    model_or_run: one spec or several, each `[NAME=]MODEL_OR_RUN[+FORMAT]` (rtune.serve.specs);
+    template urial | urial-r | zero-shot serves plain models in context (demonstrations from
+    icl_file); endpoints: `NAME=URL[#MODEL]` of other servers, proxied; rate_dir: an evaluation
+    folder to rate blind at /rate (with no model: the rating page alone, `rtune rate`)."""
+    from dataclasses import replace
+
     from rtune.serve.app import Limits, create_app
-    from rtune.serve.engine import Engine, default_model_name
+    from rtune.serve.specs import check_unique, load_engines, parse_endpoint, parse_model_spec
 
     if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
         raise RtuneError("--max-batch-size, --max-queue and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
     limits = Limits(max_tokens, max_tokens_limit, max_prompt_tokens, max_stop_chars).check()
+    specs = [parse_model_spec(m) for m in ([model_or_run] if isinstance(model_or_run, str) else model_or_run)]
+    if model_name:
+        if len(specs) != 1:
+            raise RtuneError("--model-name names the one model served; with several, write NAME=MODEL_OR_RUN")
+        specs = [replace(specs[0], name=model_name)]
+    remote = [parse_endpoint(e) for e in endpoints]
+    check_unique([s.name for s in specs] + [e.name for e in remote])
+    if not specs and not remote and rate_dir is None:
+        raise RtuneError("nothing to serve: give a model, an --endpoint or --rate EVAL_DIR")
     torch_dtype = _dtype(dtype)
     sock = bind_socket(host, port)  # before the (slow) load: a taken port fails at once
     if not _is_loopback(host) and not api_key:
-        logger.warning("listening on %s without an API key: anyone who can reach it can use the model "
-                       "(set --api-key or RTUNE_API_KEY)", host)
+        logger.warning("listening on %s without an API key: anyone who can reach it can use the models%s "
+                       "(set --api-key or RTUNE_API_KEY)", host, " and write ratings" if rate_dir else "")
     try:
-        model, tokenizer, renderer = load_for_inference(model_or_run, template=template, dtype=torch_dtype, icl_file=icl_file)
-        engine = Engine(model, tokenizer, renderer, model_name or default_model_name(model_or_run),
-                        spec=str(model_or_run))
-        fingerprint = engine.fingerprint  # before listening: the digests are read once, here
-        app = create_app(engine, api_key=api_key, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+        engines = load_engines(specs, dtype=torch_dtype, template=template, icl_file=icl_file)
+        for engine in engines:
+            engine.fingerprint  # before listening: the digests are read once, here
+        app = create_app(engines, api_key=api_key, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                          max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=limits.max_tokens,
                          max_tokens_limit=limits.max_tokens_limit, max_prompt_tokens=limits.max_prompt_tokens,
-                         max_stop_chars=limits.max_stop_chars)
+                         max_stop_chars=limits.max_stop_chars, endpoints=remote, rate_dir=rate_dir)
     except BaseException:
         sock.close()
         raise
     sock.listen(2048)  # connections from now on wait for uvicorn instead of being refused
-    logger.info("rtune serve: listening on %s/v1 (model %r, fingerprint %s, %s, context %s tokens, batches of up "
-                "to %d, queue %d%s)", _url(sock), engine.name, fingerprint, engine.dtype, engine.context,
-                max_batch_size, max_queue, ", API key required" if api_key else "")
+    for name, served in app.state.models.items():
+        engine = served.engine
+        shared = f", weights shared with {served.scheduler.engine.name!r}" if served.scheduler.engine is not engine else ""
+        logger.info("model %r: %s, template %s, fingerprint %s, %s, context %s tokens%s", name, engine.spec,
+                    engine.renderer.template_name, engine.fingerprint, engine.dtype, engine.context, shared)
+    for e in remote:
+        logger.info("model %r: endpoint %s (upstream model %r, key from $%s%s)", e.name, redact_url(e.url), e.model,
+                    e.key_env, "" if e.api_key() else ": not set")
+    if rate_dir is not None:
+        logger.info("rating %s: ratings go to %s", rate_dir, app.state.rating.eval_dir / "human")
+    page = "the rating page at " + _url(sock) + "/rate" if not app.state.models and not remote else \
+        "the chat page at " + _url(sock) + "/" + (" and the rating page at /rate" if rate_dir is not None else "")
+    logger.info("rtune serve: listening on %s/v1 (batches of up to %d, queue %d%s); %s", _url(sock), max_batch_size,
+                max_queue, ", API key required" if api_key else "", page)
     _uvicorn_server(app).run(sockets=[sock])
 
 
