@@ -8,7 +8,9 @@
 The LLM judges' metrics (rtune.eval.judging) get figures of their own: pairwise.png (win / tie / loss
 against each reference, win rate and length-controlled win rate), aspects.png (scores 1-5) and their
 points in refusal.png beside the keyword judge's; a "Judges" section lists each judge run's endpoint,
-requests, tokens and cost. The tables show every metric, whatever its name.
+requests, tokens and cost. The tables show every metric, whatever its name. Human ratings
+(EVAL_DIR/human/, from `rtune rate`) get a section of their own (rtune.report.human): win rates,
+acceptability, and agreement with the LLM judge and between raters.
 
 Several EVAL_DIRs merge into one report. A model label found in more than one of them is kept once
 per folder, shown as "label (folder name)". Models keep the order of each EVAL_DIR's eval.json
@@ -28,6 +30,7 @@ from rtune.eval.metrics.intervals import BOOTSTRAP_PAIRED, NEWCOMBE_PAIRED
 from rtune.eval.results import EVAL_INFO, read_items, read_summaries, safe_name
 from rtune.io import write_text_atomic
 from rtune.report import plots
+from rtune.report.human import human_blocks
 from rtune.report.tables import MISSING, format_metric, metric_title, to_html, to_markdown
 
 TITLE = "rtune evaluation report"
@@ -426,7 +429,7 @@ def _document(results, models, benches, eval_dirs, figures: dict[str, str]) -> l
                           ("lengths.png", "Output lengths")]:
         if name in figures:
             blocks += [("h", 2, heading), ("img", name, figures[name])]
-    return blocks + _judges_blocks(results) + _settings_blocks(results, models)
+    return blocks + human_blocks(eval_dirs, models) + _judges_blocks(results) + _settings_blocks(results, models)
 
 
 # -- writing --------------------------------------------------------------------------------------
