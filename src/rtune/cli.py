@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="[NAME=]MODEL_OR_RUN[+FORMAT]",
                    help="one model, or several each named: base=gemma-3-270m rt=runs/rt it=runs/it; +urial, "
                         "+urial-r or +zero-shot prompts a plain model in context (urial=gemma-3-270m+urial-r "
-                        "shares the base's weights)")
+                        "shares the base's weights), +tulu or +model chooses its template")
     p.add_argument("--endpoint", action="append", default=None, metavar="NAME=URL[#MODEL]",
                    help="a model behind another OpenAI-compatible server, proxied for the page (repeatable); "
                         "its API key from $RTUNE_ENDPOINT_KEY_<NAME>")

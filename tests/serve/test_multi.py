@@ -31,6 +31,8 @@ def test_model_specs(tmp_path):
     assert (s.name, s.model, s.format) == ("u", "org/model", "urial")
     s = parse_model_spec("zs=runs/rt+zero-shot")
     assert (s.name, s.model, s.format) == ("zs", "runs/rt", "zero-shot")
+    s = parse_model_spec("smollm2-135m-instruct+model")
+    assert (s.name, s.model, s.format) == ("smollm2-135m-instruct+model", "smollm2-135m-instruct", "model")
     odd = tmp_path / "a=b+urial-r"  # an existing path is taken whole
     odd.mkdir()
     s = parse_model_spec(str(odd))

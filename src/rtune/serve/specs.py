@@ -2,11 +2,14 @@
 
     rtune serve [NAME=]MODEL_OR_RUN[+FORMAT] ...  [--endpoint NAME=URL[#MODEL] ...]
 
-FORMAT is an in-context format for a plain (untrained) model: urial, urial-r or zero-shot, so
-`base=gemma-3-270m urial=gemma-3-270m+urial-r` serves the base model with the tulu template and the
-same weights prompted with URIAL-R. NAME defaults to the folder's name with its format,
-`gemma-3-270m+urial-r`, the label `rtune eval --icl urial-r` gives. A spec that is an existing path
-is taken whole, '=' and '+' included.
+FORMAT is the prompt format of a plain (untrained) model: an in-context format (urial, urial-r,
+zero-shot) or a template (tulu, model: the tokenizer's own chat template), so `base=gemma-3-270m
+urial=gemma-3-270m+urial-r` serves the base model with the tulu template and the same weights
+prompted with URIAL-R, and `smollm2=smollm2-135m-instruct+model` an instruct model in its own chat
+template. A FORMAT overrides --template/--icl for its spec; run folders bring their own template and
+take none. NAME defaults to the folder's name with its format, `gemma-3-270m+urial-r`, the label
+`rtune eval --icl urial-r` gives. A spec that is an existing path is taken whole, '=' and '+'
+included.
 
 Weights are loaded once per model: names that give the same model with other templates share one
 loaded model (and, in the app, one scheduler: rtune.serve.app.create_app groups engines by model).
@@ -27,13 +30,14 @@ from dataclasses import dataclass
 from rtune.errors import RtuneError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}")
+TEMPLATE_FORMATS = ("tulu", "model")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     model: str  # what load_for_inference takes: a run, a merged folder or a model spec
-    format: str | None = None  # an in-context format (urial, urial-r, zero-shot), or None
+    format: str | None = None  # a prompt format (urial, urial-r, zero-shot, tulu, model), or None
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def parse_model_spec(text: str) -> ModelSpec:
         name, model = _check_name(head, f"model spec {text!r}"), rest
     fmt = None
     if not os.path.exists(model):
-        for candidate in sorted(ICL_TEMPLATES, key=len, reverse=True):  # urial-r before urial
+        for candidate in sorted(TEMPLATE_FORMATS + ICL_TEMPLATES, key=len, reverse=True):  # urial-r before urial
             if model.endswith("+" + candidate):
                 model, fmt = model[: -len(candidate) - 1], candidate
                 break
@@ -107,7 +111,7 @@ def load_engines(specs: list[ModelSpec], *, dtype=None, template: str | None = N
     template applies to plain models without a FORMAT (tulu by default); icl_file holds the
     demonstrations of urial and urial-r."""
     from rtune.infer.load import load_for_inference, load_renderer
-    from rtune.render import ICL_TEMPLATES, Renderer
+    from rtune.render import Renderer
     from rtune.serve.engine import Engine
 
     check_unique([s.name for s in specs])
@@ -116,8 +120,6 @@ def load_engines(specs: list[ModelSpec], *, dtype=None, template: str | None = N
     for spec in specs:
         fmt = spec.format or template
         demos = icl_file if fmt in ("urial", "urial-r") else None
-        if spec.format and template in ICL_TEMPLATES:
-            raise RtuneError(f"{spec.name}: --icl {template} and +{spec.format} both choose the format")
         key = os.path.realpath(spec.model) if os.path.exists(spec.model) else spec.model
         if key not in loaded:
             model, tokenizer, renderer = load_for_inference(spec.model, template=fmt, dtype=dtype, icl_file=demos)
