@@ -27,11 +27,11 @@ BENCH = "alpaca-heldout"
 PAIR = ["rt", "it"]
 
 
-def call(url, method, path, body=None, key=None, raw_body=None):
+def call(url, method, path, body=None, key=None, raw_body=None, content_type="application/json"):
     """(status, headers, parsed JSON or text) of one request."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=TIMEOUT)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
@@ -151,6 +151,10 @@ def test_rating_input_is_validated(server, eval_dir, tmp_path):
     assert status == 400 and data["error"]["code"] == "missing_field"
     status, _, data = call(server.url, "POST", "/api/rate/rating", raw_body=b"{not json", key=KEY)
     assert status == 400 and data["error"]["code"] == "invalid_json"
+    # A cross-site form can post text/plain without a preflight: only JSON is taken.
+    status, _, data = call(server.url, "POST", "/api/rate/rating", raw_body=json.dumps(body).encode(), key=KEY,
+                           content_type="text/plain")
+    assert status == 415 and data["error"]["code"] == "unsupported_media_type"
     big = {**body, "note": "x" * 20_000}  # over the rating routes' 16 KiB
     status, _, data = call(server.url, "POST", "/api/rate/rating", big, key=KEY)
     assert status == 400 and data["error"]["code"] == "request_too_large"

@@ -9,7 +9,8 @@ with a key drawn when the server starts, so the order is random, stable while th
 (a reload shows the same sides) and needs no state. The page sends "a", "b" or "tie" and the two
 acceptability marks in A, B order; the server names the models behind them in the record.
 
-Routes (JSON bodies, OpenAI's error shape; the API key guards them as it guards /v1):
+Routes (bodies as Content-Type application/json only, which a cross-site form cannot send; answers
+and errors in OpenAI's shape; the API key guards them as it guards /v1):
     GET  /api/rate/setup     the models, their benchmarks and the default pair (RT vs IT when both exist)
     POST /api/rate/items     {rater, models: [x, y], bench?}: the pair's items, which this rater has rated
     POST /api/rate/item      {rater, models, bench, id}: the prompt, answers A and B, this rater's last rating
@@ -131,6 +132,9 @@ def _ratings(request: Request) -> RatingSet:
 
 
 async def _parse(request: Request, model):
+    # JSON only: a cross-site form (text/plain, no preflight) cannot post a rating from a rater's browser.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "send the body as JSON (Content-Type: application/json)", None, "unsupported_media_type")
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(400, f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes", None,
