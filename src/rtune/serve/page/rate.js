@@ -29,6 +29,7 @@ function progress() {
   const rated = session.items.filter((i) => i.rated).length;
   const total = session.items.length;
   $("progress-text").textContent = `${rated} / ${total} rated`;
+  $("progress-who").textContent = session.rater;
   $("progress-fill").style.width = total ? `${(100 * rated) / total}%` : "0";
 }
 
