@@ -282,3 +282,59 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_path, data, t
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
 
+
+
+def test_checkpoint_tokens_recomputes_layers_of_large_micro_batches_only():
+    from rtune.train.model import layers_to_checkpoint
+
+    assert layers_to_checkpoint(2048, 2048, 18) == 0  # within the budget: every layer keeps its activations
+    assert layers_to_checkpoint(4096, 2048, 18) == 9  # twice the budget: half the layers recompute
+    assert layers_to_checkpoint(4096, 1024, 18) == 14
+    assert layers_to_checkpoint(10**6, 1, 18) == 18
+
+
+def test_checkpoint_tokens_gives_the_same_training_bit_for_bit(tiny_model_path, data, tmp_path, monkeypatch):
+    """Layers chosen per micro-batch recompute the same numbers (dropout masks replayed): same losses,
+    gradient norms and weights as without checkpointing, and the setting may change on resume."""
+    import transformers.modeling_utils
+    from torch.utils.checkpoint import checkpoint
+
+    from rtune.train.config import BOOKKEEPING_FIELDS
+
+    kw = dict(max_steps=3, lr=1e-3, lora_dropout=0.1)
+    train(str(tiny_model_path), str(data), str(tmp_path / "plain"), tiny_config(**kw), progress=False)
+    recomputed = []
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    # Micro-batches of 2 x ~10-40 tokens: a budget of 24 tokens checkpoints one or both layers of most.
+    info = train(str(tiny_model_path), str(data), str(tmp_path / "auto"), tiny_config(checkpoint_tokens=24, **kw),
+                 progress=False)
+    assert info["config"]["checkpoint_tokens"] == 24 and recomputed
+    for ra, rb in zip(_log(tmp_path / "plain"), _log(tmp_path / "auto")):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"]
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "auto" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "checkpoint_tokens" in BOOKKEEPING_FIELDS
+
+
+def test_checkpoint_tokens_switches_layers_per_micro_batch(tiny_model_path):
+    from rtune.train.loss import LossModel
+    from rtune.train.model import build_model, checkpoint_layers
+
+    config = tiny_config(checkpoint_tokens=40, precision="fp32")
+    model, _ = build_model(str(tiny_model_path), config, torch.device("cpu"))
+    loss_model = LossModel(model, config, torch.device("cpu")).train()
+    layers = checkpoint_layers(model)
+    calls = []
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda f, *a, _func=func, **k: calls.append(1) or _func(f, *a, **k)
+    small = collate_padded(random_sequences([10, 12], [2, 2], 100), 0)  # 24 tokens
+    large = collate_padded(random_sequences([30, 20, 25], [2, 2, 2], 100), 0)  # 90 tokens: 2 of 2 layers
+    loss_model(small).backward()
+    assert calls == [] and not any(layer.gradient_checkpointing for layer in layers)
+    loss_model(large).backward()
+    assert len(calls) == 2
+    loss_model(small).backward()
+    assert len(calls) == 2 and not any(layer.gradient_checkpointing for layer in layers)

@@ -225,8 +225,22 @@ class LossModel(torch.nn.Module):
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.impl, self.chunk = config.loss_impl, config.loss_chunk
         self.device_type, self.bf16 = device.type, config.precision == "bf16"
+        # checkpoint_tokens: which layers recompute is decided per micro-batch (rtune.train.model);
+        # not under torch.compile, whose graphs would be recompiled for every new choice.
+        self.checkpoint_tokens = 0
+        if config.checkpoint_tokens and not config.gradient_checkpointing and not config.compile:
+            from rtune.train.model import checkpoint_layers
+
+            self.checkpoint_tokens = config.checkpoint_tokens
+            self._layers = checkpoint_layers(model)
 
     def forward(self, batch: dict[str, torch.Tensor], impl: str | None = None) -> torch.Tensor:
+        if self.checkpoint_tokens:
+            from rtune.train.model import layers_to_checkpoint
+
+            n = layers_to_checkpoint(batch["input_ids"].numel(), self.checkpoint_tokens, len(self._layers))
+            for i, layer in enumerate(self._layers):
+                layer.gradient_checkpointing = i < n
         # bf16 is our own autocast (fp32 master weights, loss in fp32); see rtune.train.recipe.
         autocast = torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
         return token_loss_sum(self.model, batch, autocast, impl or self.impl, self.chunk)

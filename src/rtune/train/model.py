@@ -100,12 +100,41 @@ def choose_attention(model, config: TrainConfig, device: torch.device) -> str:
     return model.config._attn_implementation
 
 
+def checkpoint_layers(model) -> list:
+    """The decoder layers that can recompute their activations in backward (transformers' own)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def layers_to_checkpoint(tokens: int, budget: int, n_layers: int) -> int:
+    """How many of n_layers recompute their activations so that the others keep about `budget`
+    tokens' worth: none up to the budget, then the share beyond it (activations grow with tokens)."""
+    if tokens <= budget:
+        return 0
+    return min(n_layers, math.ceil(n_layers * (1 - budget / tokens)))
+
+
+def enable_checkpointing(model, config: TrainConfig) -> None:
+    """Gradient checkpointing on every layer, or (checkpoint_tokens) ready but off: LossModel turns it
+    on per micro-batch. Non-reentrant: works with a frozen embedding layer and replays the same dropout
+    masks (the RNG state is restored for the recompute), so the gradients are the same bit for bit."""
+    if not (config.gradient_checkpointing or config.checkpoint_tokens):
+        return
+    if config.peft != "qlora":  # prepare_model_for_kbit_training turns it on for QLoRA (apply_peft)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not config.gradient_checkpointing:
+        for layer in checkpoint_layers(model):
+            layer.gradient_checkpointing = False
+        # Only reentrant checkpointing needs inputs that require grad; without it no gradient flows
+        # into the first layer's input, as when checkpointing is off.
+        model.disable_input_require_grads()
+
+
 def apply_peft(model, config: TrainConfig):
     """LoRA / QLoRA adapters on the (already loaded) base model, or full fine-tuning."""
-    ckpt_kwargs = {"use_reentrant": False}  # works with a frozen embedding layer, keeps dropout RNG
     if config.peft == "none":
-        if config.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        enable_checkpointing(model, config)
         model.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -114,11 +143,10 @@ def apply_peft(model, config: TrainConfig):
         # Casts norms to fp32, freezes the 4-bit base, and turns on gradient checkpointing if asked.
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs,
+            use_gradient_checkpointing=bool(config.gradient_checkpointing or config.checkpoint_tokens),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+    enable_checkpointing(model, config)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
