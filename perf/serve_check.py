@@ -130,7 +130,8 @@ async def batching_figures(url: str, duration: float) -> list[str]:
     try:
         model = (await client.models.list()).data[0].id
         warm = serve_load.Tally()
-        await serve_load.one_request(client, model, warm, {"prompt": "Hi", "params": {"max_tokens": 4}, "stream": False})
+        await serve_load.one_request(client, model, warm, {"prompt": "Hi", "params": {"max_tokens": 4},
+                                                           "stream": False})
         rates = []
         for i, clients in enumerate((1, 16, 1, 16)):  # two pairs: a change in the machine's load shows as a difference
             before = await asyncio.to_thread(serve_load.server_stats, url, None)

@@ -278,3 +278,47 @@ def test_bf16_on_the_cpu_batches_mixed_requests(tiny_model_path):
         assert tokens <= body["max_tokens"] + 1 and reason in ("stop", "length")
     stats = app.state.models["m"].scheduler.snapshot()
     assert stats["finished"] == len(bodies) and stats["joined_running"] >= 1 and stats["mixed_steps"] >= 1
+
+
+def test_one_token_requests_take_no_row_of_the_batch(endless_model_path, gated_engine_class):
+    """A judge's max_tokens-1 requests end at their prefill: they join the prefill group even when the
+    running batch is full."""
+    from rtune.infer.load import load_for_inference
+
+    model, tok, renderer = load_for_inference(str(endless_model_path), dtype=torch.float32, device="cpu")
+    engine = gated_engine_class(model, tok, renderer, "m")
+    shapes = []
+    forward = gated_engine_class.forward
+    engine.forward = lambda ids, *rest: shapes.append(tuple(ids.shape)) or forward(engine, ids, *rest)
+    app = create_app(engine, max_batch_size=2, batch_wait_ms=0)
+    scheduler = app.state.models["m"].scheduler
+
+    def body(p, n):
+        return {"model": "m", "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": n}
+
+    async def together():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        try:
+            long = [asyncio.create_task(_send(client, "chat", body(p, 2000))) for p in PROMPTS[:2]]
+            while scheduler.running < 2:  # both rows taken (their replies never end before 2000 tokens)
+                await asyncio.sleep(0.005)
+            engine.gate.clear()
+            short = [asyncio.create_task(_send(client, "chat", body(p, 1))) for p in PROMPTS[2:8]]
+            while scheduler.queued < 6:
+                await asyncio.sleep(0.005)
+            shapes.clear()
+            engine.gate.set()
+            answers = await asyncio.gather(*short)
+            assert scheduler.running == 2  # answered while both rows stayed taken
+            scheduler.cancel([r.job for r in scheduler._rows])  # the long ones are not needed any more
+            for task in long:
+                task.cancel()
+            return answers
+        finally:
+            engine.gate.set()
+            await client.close()
+
+    with ServerThread(app) as server:
+        got = asyncio.run(together())
+    assert [tokens for _, _, tokens in got] == [1] * 6
+    assert [s[0] for s in shapes if s[1] > 1] == [2, 2, 2]  # prefill groups of at most max_batch_size

@@ -268,14 +268,18 @@ class Scheduler:
             if wait > 0 and len(self._waiting) < self.max_batch_size:
                 self._stopping.wait(wait)
         taken: list[Job] = []
-        width = 0
+        rows, width = len(self._rows), 0
         with self._lock:
-            while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
-                wider = max(width, len(self._waiting[0].prompt_ids))
+            while self._waiting and len(taken) < self.max_batch_size:
+                job = self._waiting[0]
+                stays = job.settings.max_tokens > 1  # a job of 0 or 1 token ends at its prefill: it takes no row
+                wider = max(width, len(job.prompt_ids))
+                if stays and rows >= self.max_batch_size:
+                    break
                 if taken and wider * (len(taken) + 1) > PREFILL_GROUP_TOKENS:
                     break
                 taken.append(self._waiting.popleft())
-                width = wider
+                rows, width = rows + stays, wider
         return taken
 
     def _start_filling(self, jobs: list[Job]) -> None:
