@@ -45,6 +45,17 @@ def model(request, tiny_model_path, tiny_tokenizer):
     return tiny.tiny_gpt2(tiny_tokenizer) if request.param == "gpt2" else _gemma3(tiny_tokenizer)
 
 
+@pytest.fixture(params=["one-tile", "many-tiles"])
+def tiles(request, monkeypatch):
+    """The output layer in one tile, or in chunks of 7 positions x 64 vocabulary entries (online log-sum-exp)."""
+    import rtune.infer.score as score
+
+    if request.param == "many-tiles":
+        monkeypatch.setattr(score, "CPU_SCORE_ROWS", 7)
+        monkeypatch.setattr(score, "CPU_SCORE_TILE_BYTES", 4 * 7 * 64)
+    return request.param
+
+
 @pytest.fixture(scope="module", params=["tulu", "urial-r"])
 def renderer(request, tiny_tokenizer):
     return Renderer(tiny_tokenizer, request.param)
@@ -87,7 +98,7 @@ def assert_close(got: list[dict], want: list[dict]):
 
 
 @pytest.mark.parametrize("max_tokens", [8192, 64], ids=["one-pass", "many-passes"])
-def test_ranking_and_nll_equal_the_plain_computation(model, renderer, max_tokens):
+def test_ranking_and_nll_equal_the_plain_computation(model, renderer, max_tokens, tiles):
     if renderer.template_name == "urial-r" and model.config.model_type == "gpt2":
         pytest.skip("the in-context prompt (~1,900 tiny-tokenizer tokens) is longer than GPT-2's 512 positions")
     want = reference_ranking_and_nll(model, renderer, PAIRS, k=3, seed=1)
@@ -123,7 +134,7 @@ def reference_shift(model, prompts, answers):
 
 
 @pytest.mark.parametrize("max_tokens", [8192, 40], ids=["one-pass", "many-passes"])
-def test_shift_equals_the_plain_computation(model, tiny_tokenizer, max_tokens):
+def test_shift_equals_the_plain_computation(model, tiny_tokenizer, max_tokens, tiles):
     r = Renderer(tiny_tokenizer, "tulu")
     prompts = [r.render_prompt(x) for x, _ in PAIRS] + [r.render_prompt("Hi")]
     answers = []
@@ -140,7 +151,7 @@ def test_shift_equals_the_plain_computation(model, tiny_tokenizer, max_tokens):
     assert_close(got[:-1], want[:-1])
 
 
-def test_rank_counts_only_strictly_higher_logits(tiny_tokenizer):
+def test_rank_counts_only_strictly_higher_logits(tiny_tokenizer, tiles):
     # A model whose every logit is equal: each token ties with all others, so it is its own top-1.
     model = tiny.tiny_gpt2(tiny_tokenizer)
     with torch.no_grad():

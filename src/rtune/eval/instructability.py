@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import random
 
-from rtune.infer.score import MAX_BATCH_TOKENS, score_rows, scored_tokens
+from rtune.infer.score import score_rows, scored_tokens
 
 SHIFT_TOP_K = 3
 
@@ -40,7 +40,7 @@ def _distractors(pairs: list[tuple[str, str]], k: int, seed: int) -> list[list[s
 
 def reference_values(model, renderer, pairs: list[tuple[str, str]], k: int | None, seed: int = 0,
                      nll: bool = True, only: list[int] | None = None,
-                     max_tokens: int = MAX_BATCH_TOKENS) -> list[dict]:
+                     max_tokens: int | None = None) -> list[dict]:
     """For each pair in `only` (default all, in that order): response ranking against k distractors
     (k None: no ranking) and, with `nll`, the reference NLL given its instruction, given none, and the gain.
 
@@ -82,12 +82,12 @@ def reference_values(model, renderer, pairs: list[tuple[str, str]], k: int | Non
 
 
 def ranking_values(model, renderer, pairs: list[tuple[str, str]], k: int, seed: int = 0,
-                   max_tokens: int = MAX_BATCH_TOKENS) -> list[dict]:
+                   max_tokens: int | None = None) -> list[dict]:
     """Per pair: {"ranking_top1": 0/1, "ranking_pairwise": share} against k distractors (seeded draw)."""
     return reference_values(model, renderer, pairs, k, seed, nll=False, max_tokens=max_tokens)
 
 
-def nll_values(model, renderer, pairs: list[tuple[str, str]], max_tokens: int = MAX_BATCH_TOKENS) -> list[dict]:
+def nll_values(model, renderer, pairs: list[tuple[str, str]], max_tokens: int | None = None) -> list[dict]:
     """Per pair: mean NLL per token of the reference given its instruction, given none, and the gain."""
     return reference_values(model, renderer, pairs, None, max_tokens=max_tokens)
 
@@ -100,7 +100,7 @@ def base_of(model):
 
 
 def shift_values(base_model, prompts: list[list[int]], answers: list[list[int]],
-                 max_tokens: int = MAX_BATCH_TOKENS) -> list[dict]:
+                 max_tokens: int | None = None) -> list[dict]:
     """Per answer: shares of positions where the base's top-1 differs from the answer's token, and
     where that token is outside the base's top 3. `base_model` is called as it is (see base_of).
 
@@ -109,7 +109,7 @@ def shift_values(base_model, prompts: list[list[int]], answers: list[list[int]],
     """
     todo = [i for i, answer in enumerate(answers) if answer]
     scores = score_rows(base_model, [(prompts[i], answers[i]) for i in todo], rank_cap=SHIFT_TOP_K,
-                        max_tokens=max_tokens)
+                        max_tokens=max_tokens, logprobs=False)
     out = [{"shift_top1_differs": None, "shift_outside_top3": None} for _ in answers]
     for i, score in zip(todo, scores):
         n = len(score.ranks)

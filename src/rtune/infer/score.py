@@ -84,10 +84,15 @@ def scored_tokens(
 
 
 # -- the model --------------------------------------------------------------------------------------
-# Rows per forward pass are bounded by tokens, not by a count: on CPUs a forward pass costs a fixed
-# part (bf16 weights are re-packed for the matmul kernels at every call) plus a part per token, so
-# few large passes beat many small ones; the bound keeps activations and KV caches small.
-MAX_BATCH_TOKENS = 8192  # rows x (cached prefix + row width) per forward pass
+# Rows per forward pass are bounded by tokens, not by a count. Measured on 2 CPU cores (Gemma 3 270M,
+# bf16): a forward pass of 16 x 128 tokens ran at ~3,100 tokens/s, 1 x 128 at ~2,000 and 64 x 128 at
+# ~2,200 (activations out of cache), so CPU passes take about 2,048 tokens; GPUs take more.
+CPU_BATCH_TOKENS = 2048  # rows x padded width per forward pass on CPUs
+GPU_BATCH_TOKENS = 16384
+CACHE_FACTOR = 8  # a pass continuing cached prefixes holds rows x (prefix + width) <= this x the token bound
+MAX_PADDING = 0.25  # a row joins a batch only if it is at least 75% as long as the batch's longest
+CPU_SCORE_ROWS = 1024  # positions per output-layer chunk on CPUs: each chunk reads the output weight once
+CPU_SCORE_TILE_BYTES = 2 * 2**20  # fp32 logits of one tile on CPUs (see _tiling)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class RowScore:
     """The scored tokens of one row: log p of each, and (when asked) how many vocabulary entries the
     model rated strictly higher than it, counted up to `rank_cap` (0 = the model's top-1)."""
 
-    logprobs: list[float]
+    logprobs: list[float] | None  # None when not asked for (score_rows(logprobs=False))
     ranks: list[int] | None = None
 
 
@@ -111,20 +116,30 @@ def _head_of(model):
     return None if parts is None else (parts[0], parts[1].weight, parts[2])
 
 
-def _position_scores(tile, n: int, vocab: int, targets: torch.Tensor, rank_cap: int, device_type: str):
-    """(log p of each target [n], capped ranks [n] or None) from `tile(rows, start, end)`: the logits of
-    positions `rows` over vocabulary entries [start, end), in the model's dtype.
+def _tiling(n: int, vocab: int, device_type: str) -> tuple[int, int]:
+    """(rows per chunk, vocabulary entries per tile). On CPUs a tile's fp32 logits take ~2 MiB, one
+    core's L2 cache: the log-sum-exp passes over a tile then run from cache (measured on 2 AMX cores:
+    1,024 positions x Gemma's 262k vocabulary in 0.32 s with 512-wide tiles, 0.83 s with 8 MiB ones)."""
+    if device_type != "cpu":
+        from rtune.train.loss import tiling
 
-    Rows go in chunks and the vocabulary in tiles (rtune.train.loss.tiling: on CPUs a tile's fp32
-    logits stay in cache), the log-sum-exp online over the tiles. Each tile is cast to fp32 as the
-    model's logits would be, so the values are those of log_softmax over the model's own logits.
-    A rank is the number of entries strictly above the target's logit, up to rank_cap: kept as the
-    running top rank_cap logits, so ties count for the target.
+        return tiling(n, vocab, device_type)
+    rows = min(n, CPU_SCORE_ROWS)
+    return rows, min(vocab, max(64, CPU_SCORE_TILE_BYTES // (4 * rows) // 64 * 64))
+
+
+def _position_scores(tile, n: int, vocab: int, targets: torch.Tensor, rank_cap: int, device_type: str,
+                     want_logprobs: bool = True):
+    """(log p of each target [n] or None, capped ranks [n] or None) from `tile(rows, start, end)`: the fp32
+    logits of positions `rows` over vocabulary entries [start, end), a new tensor (changed in place here).
+
+    Rows go in chunks and the vocabulary in tiles, the log-sum-exp online over the tiles. The tiles
+    hold the model's own logits (its dtype, cast to fp32), so the values are those of log_softmax over
+    them. A rank is the number of entries strictly above the target's logit, up to rank_cap: kept as
+    the running top rank_cap logits, so ties count for the target.
     """
-    from rtune.train.loss import tiling
-
-    chunk, width = tiling(n, vocab, device_type)
-    logprobs = torch.empty(n, dtype=torch.float32, device=targets.device)
+    chunk, width = _tiling(n, vocab, device_type)
+    logprobs = torch.empty(n, dtype=torch.float32, device=targets.device) if want_logprobs else None
     ranks = torch.empty(n, dtype=torch.long, device=targets.device) if rank_cap else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, min(n, r0 + chunk))
@@ -135,16 +150,23 @@ def _position_scores(tile, n: int, vocab: int, targets: torch.Tensor, rank_cap: 
         target_logit = torch.zeros(m, device=t.device)
         top = torch.full((m, rank_cap), -math.inf, device=t.device) if rank_cap else None
         for v0 in range(0, vocab, width):
-            z = tile(rows, v0, min(vocab, v0 + width)).float()
+            z = tile(rows, v0, min(vocab, v0 + width))
             hit = ((t >= v0) & (t < v0 + z.size(1))).nonzero().squeeze(1)
             target_logit[hit] = z[hit, t[hit] - v0]
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            run_max = new_max
+            tile_max = z.amax(dim=1)
             if rank_cap:
-                k = min(rank_cap, z.size(1))
-                top = torch.cat([top, z.topk(k, dim=1).values], dim=1).topk(rank_cap, dim=1).values
-        logprobs[rows] = target_logit - (run_max + run_sum.log())
+                # Only rows whose running top values this tile can change (its maximum beats their
+                # lowest): after the first tiles, few rows of each tile.
+                need = (tile_max > top[:, -1]).nonzero().squeeze(1)
+                if need.numel():
+                    tile_top = z[need].topk(min(rank_cap, z.size(1)), dim=1).values
+                    top[need] = torch.cat([top[need], tile_top], dim=1).topk(rank_cap, dim=1).values
+            if want_logprobs:
+                new_max = torch.maximum(run_max, tile_max)
+                run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(dim=1)
+                run_max = new_max
+        if want_logprobs:
+            logprobs[rows] = target_logit - (run_max + run_sum.log())
         if rank_cap:
             ranks[rows] = (top > target_logit[:, None]).sum(dim=1)
     return logprobs, ranks
@@ -159,41 +181,43 @@ def _forward_hidden(model, parts, **inputs):
     return out.logits, out.past_key_values
 
 
-def _score_positions(model, parts, states: torch.Tensor, targets: list[int], rank_cap: int):
+def _score_positions(parts, states: torch.Tensor, targets: list[int], rank_cap: int, want_logprobs: bool):
     """Scores of the positions `states` [n, H] (hidden states, or logits without `parts`) for `targets`."""
     target = torch.tensor(targets, device=states.device)
     if parts is None:
-        vocab = states.size(-1)
-        return _position_scores(lambda rows, a, b: states[rows, a:b], states.size(0), vocab, target, rank_cap,
-                                states.device.type)
+        return _position_scores(lambda rows, a, b: states[rows, a:b].to(torch.float32, copy=True),
+                                states.size(0), states.size(-1), target, rank_cap, states.device.type,
+                                want_logprobs)
     _, weight, softcap = parts
 
     def tile(rows, a, b):
         z = torch.nn.functional.linear(states[rows], weight[a:b])  # the output layer's matmul, in its dtype
         if softcap:  # as the model applies it (transformers' Gemma 2 / 3): divide, tanh, multiply
             z = (z / softcap).tanh() * softcap
-        return z
+        return z.float()  # a new tensor either way (the matmul's output)
 
-    return _position_scores(tile, states.size(0), weight.size(0), target, rank_cap, states.device.type)
+    return _position_scores(tile, states.size(0), weight.size(0), target, rank_cap, states.device.type,
+                            want_logprobs)
 
 
-def _batches(items: list, cost, limit: int) -> list[list]:
-    """`items` cut into consecutive batches whose cost(batch) stays within `limit` (at least one item each)."""
+def _batches(items: list, length, cost, limit: int) -> list[list]:
+    """`items` (sorted longest first by `length`) cut into consecutive batches whose cost(batch) stays
+    within `limit` and whose rows waste at most MAX_PADDING of the longest row in padding."""
     out: list[list] = []
     for item in items:
-        if out and cost(out[-1] + [item]) <= limit:
+        if out and cost(out[-1] + [item]) <= limit and length(item) >= (1 - MAX_PADDING) * length(out[-1][0]):
             out[-1].append(item)
         else:
             out.append([item])
     return out
 
 
-def _run_plain(model, parts, rows, indices: list[int], rank_cap, max_tokens, results) -> None:
+def _run_plain(model, parts, rows, indices: list[int], max_tokens: int, kept: list) -> None:
     """rows[i] for i in `indices` as whole sequences (prefix + targets), right-padded, several per forward pass."""
     device = _device(model)
     order = sorted(indices, key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
     seqs = {i: rows[i][0] + rows[i][1][:-1] for i in order}  # the last target predicts nothing: not fed
-    for batch in _batches(order, lambda b: len(b) * len(seqs[b[0]]), max_tokens):
+    for batch in _batches(order, lambda i: len(seqs[i]), lambda b: len(b) * len(seqs[b[0]]), max_tokens):
         width = len(seqs[batch[0]])
         ids = torch.zeros((len(batch), width), dtype=torch.long)  # pad id 0: masked and never scored
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -204,10 +228,10 @@ def _run_plain(model, parts, rows, indices: list[int], rank_cap, max_tokens, res
         states, _ = _forward_hidden(model, parts, input_ids=ids.to(device), attention_mask=mask.to(device),
                                     position_ids=positions.to(device), use_cache=False)
         picked = [(b, len(rows[i][0]) - 1, len(rows[i][1])) for b, i in enumerate(batch)]
-        _collect(model, parts, states, picked, [rows[i][1] for i in batch], batch, rank_cap, results)
+        _keep(states, picked, [rows[i][1] for i in batch], batch, kept)
 
 
-def _run_shared(model, parts, prefix: list[int], members: list, rows, rank_cap, max_tokens, results) -> None:
+def _run_shared(model, parts, prefix: list[list[int]], members: list, rows, max_tokens: int, kept: list) -> None:
     """Rows of one group of prefixes, each prefix's KV cache computed once for all its rows.
 
     `members[g]` lists the rows continuing prefix g. Pass 1 runs the prefixes (all but their last
@@ -228,7 +252,11 @@ def _run_shared(model, parts, prefix: list[int], members: list, rows, rank_cap, 
                                position_ids=positions.to(device), use_cache=True)
     owner = {i: g for g, rows_of in enumerate(members) for i in rows_of}
     order = sorted(owner, key=lambda i: len(rows[i][1]), reverse=True)
-    for batch in _batches(order, lambda b: len(b) * (width + len(rows[b[0]][1])), max_tokens):
+    def cost(b):  # the pass's tokens, unless the prefix caches it holds are the tighter bound
+        cols = len(rows[b[0]][1])
+        return max(len(b) * cols, len(b) * (width + cols) / CACHE_FACTOR)
+
+    for batch in _batches(order, lambda i: len(rows[i][1]), cost, max_tokens):
         cols = len(rows[batch[0]][1])
         row_ids = torch.zeros((len(batch), cols), dtype=torch.long)
         row_mask = torch.zeros((len(batch), cols), dtype=torch.long)
@@ -245,30 +273,28 @@ def _run_shared(model, parts, prefix: list[int], members: list, rows, rank_cap, 
                                     attention_mask=torch.cat([mask[index], row_mask], dim=1).to(device),
                                     position_ids=row_positions.to(device), past_key_values=past, use_cache=True)
         picked = [(b, 0, len(rows[i][1])) for b, i in enumerate(batch)]
-        _collect(model, parts, states, picked, [rows[i][1] for i in batch], batch, rank_cap, results)
+        _keep(states, picked, [rows[i][1] for i in batch], batch, kept)
 
 
-def _collect(model, parts, states, picked, targets, batch, rank_cap, results) -> None:
-    """Score positions [start, start + n) of each batch row b in `picked`; store them per row index."""
-    flat = torch.cat([states[b, start : start + n] for b, start, n in picked])
-    logprobs, ranks = _score_positions(model, parts, flat, [t for ts in targets for t in ts], rank_cap)
-    logprobs, ranks = logprobs.tolist(), ranks.tolist() if ranks is not None else None
-    at = 0
-    for (_, _, n), i in zip(picked, batch):
-        results[i] = RowScore(logprobs[at : at + n], ranks[at : at + n] if ranks is not None else None)
-        at += n
+def _keep(states, picked, targets, batch, kept) -> None:
+    """Keep positions [start, start + n) of each batch row b in `picked` (scored later, all at once)."""
+    kept.append((torch.cat([states[b, start : start + n] for b, start, n in picked]),
+                    [t for ts in targets for t in ts], [(i, n) for (_, _, n), i in zip(picked, batch)]))
 
 
 def score_rows(model, rows: list[tuple[list[int], list[int]]], rank_cap: int = 0,
-               max_tokens: int = MAX_BATCH_TOKENS) -> list[RowScore]:
+               max_tokens: int | None = None, logprobs: bool = True) -> list[RowScore]:
     """Score the targets of each row (prefix ids, target ids) given its prefix, in input order.
 
     Rows that share a prefix share its KV cache: the prefix runs once (pass 1), its rows continue
     from it (pass 2); a prefix of its own runs with its row as one sequence. Either way, many rows
-    go into each forward pass, up to `max_tokens` (rows x padded width, cached prefix included);
-    the output layer runs only at the scored positions (see _position_scores). `rank_cap` > 0 also
-    gives each target's rank (see RowScore). The model should be in eval mode.
+    go into each forward pass, up to `max_tokens` (rows x padded width; default CPU_BATCH_TOKENS or
+    GPU_BATCH_TOKENS); the output layer runs only at the scored positions (see _position_scores).
+    `rank_cap` > 0 also gives each target's rank (see RowScore); logprobs=False leaves out the
+    log-probabilities (their log-sum-exp over the vocabulary). The model should be in eval mode.
     """
+    if max_tokens is None:
+        max_tokens = CPU_BATCH_TOKENS if _device(model).type == "cpu" else GPU_BATCH_TOKENS
     for prefix, targets in rows:
         if not prefix or not targets:
             raise RtuneError("a scored row needs a non-empty prefix and at least one target token")
@@ -278,16 +304,26 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], rank_cap: int = 0
         groups.setdefault(tuple(prefix), []).append(i)
     shared = [(list(p), members) for p, members in groups.items() if len(members) > 1 and len(p) > 1]
     plain = [i for p, members in groups.items() if not (len(members) > 1 and len(p) > 1) for i in members]
-    results: list[RowScore | None] = [None] * len(rows)
+    kept = []  # (hidden states of scored positions, their targets, [(row, positions)]) per forward pass
     with torch.inference_mode():
         if plain:
-            _run_plain(model, parts, rows, plain, rank_cap, max_tokens, results)
-        # Groups of prefixes of similar length together (less padding in pass 1).
+            _run_plain(model, parts, rows, plain, max_tokens, kept)
+        # Prefixes of similar length together (less padding in pass 1), as many as one pass takes.
         shared.sort(key=lambda g: len(g[0]), reverse=True)
-        cost = lambda gs: max(len(p) for p, _ in gs) * sum(len(m) for _, m in gs)  # noqa: E731  (cache rows)
-        for chunk in _batches(shared, cost, max_tokens):
-            _run_shared(model, parts, [p for p, _ in chunk], [m for _, m in chunk], rows, rank_cap, max_tokens,
-                        results)
+        for chunk in _batches(shared, lambda g: len(g[0]), lambda gs: len(gs) * len(gs[0][0]), max_tokens):
+            _run_shared(model, parts, [p for p, _ in chunk], [m for _, m in chunk], rows, max_tokens, kept)
+        # The output layer over every pass's positions at once: full row chunks, each reading its weight once.
+        if not kept:
+            return []
+        lp, rk = _score_positions(parts, torch.cat([k[0] for k in kept]), [t for k in kept for t in k[1]],
+                                  rank_cap, logprobs)
+    lp = lp.tolist() if lp is not None else None
+    rk = rk.tolist() if rk is not None else None
+    results: list[RowScore | None] = [None] * len(rows)
+    at = 0
+    for i, n in (row for k in kept for row in k[2]):
+        results[i] = RowScore(lp[at : at + n] if lp is not None else None, rk[at : at + n] if rk is not None else None)
+        at += n
     return results  # type: ignore[return-value]
 
 
