@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it natively) | fp32 | bf16")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", help="an extra stop string")
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
-                   help='hf (default) | vllm (CUDA, pip install -e ".[vllm]"; not run in CI, see README)')
+                   help='hf (default) | vllm (CUDA, pip install -e ".[vllm]"; not run in CI, see docs/evaluation.md)')
     p.add_argument("--template", default=None, help="for plain models: tulu (default) | model")
     _add_icl_flags(p)  # the labels say the format: gemma-3-270m+urial-r
     _add_rules_flags(p)  # ... and the rules: gemma-3-270m+urial-r+rules

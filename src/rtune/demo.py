@@ -36,7 +36,7 @@ class DemoConfig:
     seed: int = 0
     train_size: int = 256  # responses shared by RT and IT
     eval_size: int = 24  # held-out instructions answered by every model (a plain random sample)
-    # Chosen by measurement on a 2-core CPU (README, "The demo"): many short responses teach the
+    # Chosen by measurement on a 2-core CPU (docs/results.md, "The demo"): many short responses teach the
     # 270M base model to answer and to stop within the time budget; every one keeps its EOS.
     # At lr 5e-4 RT mostly wrote a new instruction instead of an answer; 2e-3 made it answer.
     max_response_chars: int = 800

@@ -248,7 +248,7 @@ def check_tasks(tm, tasks: list[str]) -> None:
             f"(the datasets then stay in {where} and later runs work offline), or evaluate local tasks instead: "
             "--lm-eval-tasks NAME --lm-eval-include DIR, DIR holding task YAMLs with `dataset_path: json` and "
             "`dataset_kwargs: {data_files: {test: /absolute/path.jsonl}}`; examples in "
-            f"{TASKS_DIR} ({', '.join(builtin_task_names())}) and in the README, \"Core capabilities\".")
+            f"{TASKS_DIR} ({', '.join(builtin_task_names())}) and in docs/core-capabilities.md.")
     raise RtuneError(f"lm-eval could not load {', '.join(failed)}: {reason}")
 
 

@@ -6,7 +6,7 @@ QLoRA run's base is quantised to 4 bits by vLLM's bitsandbytes quantization, as 
 Replies end at the template's stop ids, its stop strings (special-token ones as stop ids) and the
 user's, and vLLM's token ids are cut exactly as the HF path cuts its own (rtune.infer.backends).
 
-Not run in this project's CI (no GPU; the wheel is too large to carry): see README.
+Not run in this project's CI (no GPU; the wheel is too large to carry): see docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class VLLMBackend:
             from vllm import LLM
             from vllm.lora.request import LoRARequest
         except ImportError:
-            raise RtuneError('--backend vllm needs vLLM on a CUDA machine: pip install -e ".[vllm]" (see README), '
-                             "or serve the model with `vllm serve` and evaluate with --gen-url") from None
+            raise RtuneError('--backend vllm needs vLLM on a CUDA machine: pip install -e ".[vllm]" '
+                             "(see docs/evaluation.md), or serve the model with `vllm serve` and evaluate with "
+                             "--gen-url") from None
         settings = {"dtype": self.dtype}
         if self.quantization == "nf4":  # the adapter was trained against a 4-bit base: serve it on one
             settings.update(quantization="bitsandbytes", load_format="bitsandbytes")
