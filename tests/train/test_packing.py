@@ -246,3 +246,54 @@ def test_numpy_dropout_is_dropout_and_follows_torch_seed():
     assert torch.equal(d.eval()(x), x)
     model = get_peft_model(llama(), LoraConfig(r=2, lora_dropout=0.1, target_modules="all-linear"))
     assert use_numpy_dropout(model) == 2 * 7
+
+
+class _FakeLigerLoss(torch.nn.Module):
+    """Liger's LigerFusedLinearCrossEntropyLoss interface (weight, hidden, targets) computed plainly:
+    Liger's kernels need a GPU; this checks what rtune hands them and what it does with the result."""
+
+    calls = []
+
+    def __init__(self, ignore_index=-100, reduction="mean", softcap=None):
+        super().__init__()
+        self.reduction, self.softcap = reduction, softcap
+
+    def forward(self, lin_weight, _input, target):
+        _FakeLigerLoss.calls.append((lin_weight.dtype, _input.dtype, self.softcap, self.reduction))
+        logits = (_input @ lin_weight.T).float()
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return torch.nn.functional.cross_entropy(logits, target, reduction=self.reduction)
+
+
+@pytest.mark.parametrize("make", [llama, gemma3], ids=["llama", "gemma3"])
+def test_liger_loss_gets_the_trained_positions_and_equals_full_logits(make, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.LigerFusedLinearCrossEntropyLoss = _FakeLigerLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    _FakeLigerLoss.calls.clear()
+    model = make()
+    s = seqs()
+    b, n = collate_padded(s, 0), n_trained(s)
+    assert_same(loss_and_grads(model, [(b, n)], impl="liger"), loss_and_grads(model, [(b, n)], impl="full"))
+    softcap = model.config.final_logit_softcapping if make is gemma3 else None
+    assert _FakeLigerLoss.calls == [(torch.float32, torch.float32, softcap, "sum")]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # the matmul in the autocast dtype, as nn.Linear's
+    loss_and_grads(model, [(b, n)], impl="liger", autocast=bf16)
+    assert _FakeLigerLoss.calls[-1][:2] == (torch.bfloat16, torch.bfloat16)
+
+
+def test_liger_loss_and_fused_adamw_choices(tiny_model_path, tmp_path):
+    from rtune.errors import RtuneError
+    from rtune.train.model import check_hardware, make_optimizer
+
+    config = load_config(None, {"loss_impl": "liger"})
+    with pytest.raises(RtuneError, match="needs a CUDA GPU"):
+        check_hardware(config, torch.device("cpu"))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(params, config).defaults["fused"] is None  # the CPU keeps the per-parameter loop
+    assert make_optimizer(params, config, fused=True).defaults["fused"] is True  # what a GPU run asks for

@@ -32,7 +32,7 @@ PEFT = ("lora", "qlora", "none")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "paged_adamw_32bit")
-LOSS_IMPLS = ("chunked", "full")
+LOSS_IMPLS = ("chunked", "full", "liger")
 PACKED_ATTENTION = ("varlen", "mask")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")  # dashboards (rtune.train.report_to)
 
@@ -78,7 +78,9 @@ class TrainConfig:
     # Speed (none of these changes what is trained: same tokens, same loss up to float rounding)
     packing: bool = _field(False, "each micro-batch as one padding-free row, sequences kept apart by their position ids")
     packed_attention: str = _field("varlen", "varlen: sequence by sequence (flash-attn on GPU) | mask: block-diagonal mask")
-    loss_impl: str = _field("chunked", "chunked: output layer on trained positions only, in chunks | full: all logits")
+    loss_impl: str = _field("chunked", "chunked: output layer on trained positions only, in chunks | full: all logits"
+                                        " | liger: Liger Kernel's fused linear cross-entropy on trained positions "
+                                        "(CUDA, pip install liger-kernel)")
     loss_chunk: int = _field(0, "positions per output-layer chunk (chunked loss); 0 = auto (~256 MiB of fp32 logits)")
     compile: bool = _field(False, "torch.compile the decoder body")
 

@@ -192,12 +192,13 @@ def token_loss_sum(model, batch: dict, autocast, impl: str = "chunked", chunk: i
     The caller divides by the trained tokens of the whole optimiser step, so nothing here averages
     per micro-batch. `batch` has input_ids, labels, position_ids and, for padded batches,
     attention_mask; packed batches have none (the position ids mark the sequences) but cu_seq_lens.
-    impl: "chunked" (trained positions only, output layer in chunks) or "full" (the reference).
+    impl: "chunked" (trained positions only, output layer in chunks), "liger" (the same with Liger
+    Kernel's fused kernels, CUDA) or "full" (the reference).
     """
     targets = shifted_targets(batch["labels"])
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                   position_ids=batch["position_ids"], use_cache=False, **packed_attention_kwargs(batch))
-    parts = causal_lm_parts(model) if impl == "chunked" else None
+    parts = causal_lm_parts(model) if impl != "full" else None
     if parts is None:
         with autocast:
             logits = model(**inputs).logits
@@ -207,7 +208,22 @@ def token_loss_sum(model, batch: dict, autocast, impl: str = "chunked", chunk: i
     with autocast:
         hidden = body(**inputs).last_hidden_state
         keep = targets != IGNORE
+        if impl == "liger":
+            return liger_linear_ce_sum(hidden[keep], head.weight, targets[keep], softcap)
         return chunked_linear_ce_sum(hidden[keep], head.weight, targets[keep], softcap, chunk)
+
+
+def liger_linear_ce_sum(hidden, weight, targets, softcap=None) -> torch.Tensor:
+    """chunked_linear_ce_sum by Liger Kernel's fused linear cross-entropy (Triton kernels, CUDA only):
+    the same summed loss, with the matmuls in the autocast dtype as nn.Linear would run them."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", **({"softcap": softcap} if softcap else {}))
+    w = weight.to(dtype) if weight.requires_grad else _cast_weight(weight, dtype)  # a trained head keeps its graph
+    with torch.autocast(device_type, enabled=False):
+        return loss(w, hidden.to(dtype), targets).float()
 
 
 class LossModel(torch.nn.Module):
@@ -254,17 +270,18 @@ def check_output_head(loss_model, model, batch: dict[str, torch.Tensor]) -> str 
     Falcon-H1's lm_head_multiplier) would silently train another objective, so both losses are
     compared once on a real batch, before accelerate wraps the model (rtune.train.recipe.setup_model).
     """
+    impl = loss_model.impl if loss_model.impl != "full" else "chunked"  # chunked or liger: both re-implement it
     if causal_lm_parts(model) is None:
-        return "the model has no separate output layer for the chunked loss"
+        return f"the model has no separate output layer for the {impl} loss"
     was_training = loss_model.training
     loss_model.eval()  # no dropout: both losses see the same function, and no random numbers are drawn
     try:
         with torch.no_grad():
-            chunked, full = (float(loss_model(batch, impl=impl)) for impl in ("chunked", "full"))
+            ours, full = (float(loss_model(batch, impl=i)) for i in (impl, "full"))
     finally:
         loss_model.train(was_training)
-    if abs(chunked - full) <= HEAD_CHECK_RTOL * abs(full):
+    if abs(ours - full) <= HEAD_CHECK_RTOL * abs(full):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (f"{type(base).__name__}: the chunked loss ({chunked:.4f}) differs from the model's own "
+    return (f"{type(base).__name__}: the {impl} loss ({ours:.4f}) differs from the model's own "
             f"({full:.4f}); its output layer must do more than a matmul (a logit scale?)")

@@ -322,7 +322,8 @@ def setup_model(job: Job, data: Data, model_spec: str, info: dict) -> Trainee:
     params = trainable_parameters(model)
     info["training"]["trainable_params"] = sum(p.numel() for p in params.values())
     info["training"]["total_params"] = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(list(params.values()), config)
+    # Fused AdamW on a GPU (not under FSDP2, whose sharded parameters it is not verified with).
+    optimizer = make_optimizer(list(params.values()), config, fused=job.device.type == "cuda" and not job.sharded)
     loss_model = LossModel(model, config, job.device)
     # Checked before accelerate wraps the model: every process holds all of it here, and a forward
     # through an FSDP2-wrapped model outside the training steps changes its first step's gradients.
@@ -354,7 +355,7 @@ def choose_loss_impl(job: Job, data: Data, loss_model: LossModel) -> tuple[str, 
     batch = collate_packed([seq]) if config.packing else collate_padded([seq], data.pad_id)
     why = check_output_head(loss_model, loss_model.model, {k: v.to(job.device) for k, v in batch.items()})
     if why is None:
-        return "chunked", None
+        return config.loss_impl, None
     loss_model.impl = "full"
     if job.main:
         log.warning("%s: training with the model's own loss (loss_impl full) instead", why)
