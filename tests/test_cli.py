@@ -197,3 +197,11 @@ def test_every_config_field_is_a_train_flag(monkeypatch):
 def test_bad_flag_value_names_the_field(capsys):
     assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--lr", "fast"]) == 2
     assert "field 'lr'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import rtune
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rtune {rtune.__version__}"

@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rtune",
         description="Response Tuning: align a base language model by training on responses alone.",
     )
+    from rtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"rtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let models run their own Python code from the hub or their folder (off by default)")
