@@ -116,10 +116,13 @@ def _linear_ce(hidden, weight, targets, softcap, rows, tile, compute_dtype, want
             hit, col = _targets_in_tile(t, v0, v0 + z.size(1))
             target_logit[hit] = z[hit, col]
             new_max = torch.maximum(run_max, z.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            run_max = new_max
             if tile >= vocab:
                 kept = (z, tanh)  # one tile: pass 2 reuses it
+                shifted = z - new_max[:, None]
+            else:
+                shifted = z.sub_(new_max[:, None])  # in place: the same numbers, one pass over the tile less
+            run_sum = run_sum * torch.exp(run_max - new_max) + shifted.exp_().sum(dim=1)
+            run_max = new_max
         lse = run_max + run_sum.log()
         total += (lse - target_logit).sum()
         if not (want_h or want_w):
