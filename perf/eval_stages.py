@@ -6,7 +6,7 @@
 It runs rtune's own `run_eval` (and, with --demo, `build_report`) into a fresh folder, so nothing
 comes from an earlier run's caches, with a clock around the functions each stage calls:
 
-    load          loading a model for generation and scoring (its backend)
+    load          loading a model for generation and scoring (its backend's load)
     generation    generating the answers
     ranking+nll   response ranking and reference NLL (rtune.eval.instructability.reference_values)
     shift base    loading the untuned base for the distribution shift (merged runs)
@@ -70,7 +70,12 @@ def install_clocks() -> None:
     import rtune.eval.metrics.relevance as relevance
     import rtune.eval.run as run
 
-    clock(run, "make_backend", "load")
+    for module, cls in (("hf", "HFBackend"), ("vllm", "VLLMBackend"), ("endpoint", "EndpointBackend")):
+        try:  # loading a model (or reaching a server) for generation and scoring
+            backend = getattr(__import__(f"rtune.infer.backends.{module}", fromlist=[cls]), cls)
+        except (ImportError, AttributeError):
+            continue
+        clock(backend, "load", "load")
     clock(run, "generate_missing", "generation")
     clock(ins, "reference_values", "ranking+nll")
     clock(run._base_model, "__enter__", "shift base")
