@@ -88,3 +88,12 @@ def test_estimate_names_its_method():
     assert rate_with_ci([1, 0, None, 1])[2] == 3
     with pytest.raises(ValueError):
         rate_with_ci([0.5])
+
+
+def test_a_score_that_is_zero_everywhere_is_not_a_rate():
+    """ROUGE-L of 0 on every item looks like 0/1 values; its kind, not its values, picks the interval."""
+    d = paired_difference([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], binary=False)
+    assert d["ci_method"] == BOOTSTRAP_PAIRED and d["ci"] == (0.0, 0.0)
+    assert paired_difference([0.0] * 3, [0.0] * 3)["ci_method"] == NEWCOMBE_PAIRED  # unknown kind: from values
+    with pytest.raises(ValueError):
+        paired_difference([0.5], [1.0], binary=True)

@@ -51,6 +51,10 @@ def _item_values(row: dict) -> dict:
     return values
 
 
+# The 0/1 statistics (Newcombe's paired interval); the rest are scores (paired bootstrap).
+BINARY = {"answered", "ends_with_eos", "writes_instruction", "ranking_top1", "refusal_keyword",
+          "over_refusal_keyword", "refusal_llm", "over_refusal_llm"}
+
 LABELS = dict(PAIRED_VALUES) | {
     "refusal_keyword": "refusal rate on harmful prompts (keyword heuristic)",
     "over_refusal_keyword": "over-refusal on benign prompts (keyword heuristic)",
@@ -67,7 +71,8 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], seed: int = 0) -> dict:
     keys = sorted({k for v in a.values() for k in v} & {k for v in b.values() for k in v})
     out = {}
     for key in keys:
-        d = paired_difference([a[i].get(key) for i in ids], [b[i].get(key) for i in ids], seed=seed)
+        d = paired_difference([a[i].get(key) for i in ids], [b[i].get(key) for i in ids], seed=seed,
+                              binary=key in BINARY)
         if d is not None:
             out[key] = {**d, "label": LABELS.get(key, key)}
     return out

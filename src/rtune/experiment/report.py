@@ -92,8 +92,9 @@ def pooled_refusal(eval_dir: str, harmful: bool, judge: str = KEYWORD, benches=N
 
 # -- tables ----------------------------------------------------------------------------------------
 def _cell_label(c: dict) -> tuple[str, str]:
-    data = c["source"] + (f":{c['size']}" if c.get("size") else "")
-    return Path(c["model"].rstrip("/")).name, data
+    """(model, data) as a reader names them: a local file by its stem, a sample by its size."""
+    source = Path(c["source"]).stem if Path(c["source"]).suffix else c["source"]
+    return Path(c["model"].rstrip("/")).name, source + (f":{c['size']}" if c.get("size") else "")
 
 
 def _paper_cell(paper: dict, table: str, c: dict):
@@ -163,6 +164,12 @@ def _comparison_rows(index: dict, kind: str) -> list[dict]:
     return [{**c, "data": read_comparison(c["file"])} for c in index["comparisons"] if c["kind"] == kind]
 
 
+def _harmful(name: str, bench: str, index: dict) -> bool:
+    """Whether a cell's benchmark holds harmful prompts (its items say so)."""
+    record = next((r for r in index["cells"] if r["name"] == name), None)
+    return bool(record) and any(row.get("harmful") for row in _items(record["eval_dir"], bench))
+
+
 def preference_table(index: dict, paper: dict | None, kind: str) -> list[tuple]:
     found = _comparison_rows(index, kind)
     if not found:
@@ -175,7 +182,9 @@ def preference_table(index: dict, paper: dict | None, kind: str) -> list[tuple]:
     rows = []
     for comp in found:
         data = comp["data"]
-        benches = sorted(set(data["paired"]) | set(data.get("judged") or {}))
+        # Preference is about helpfulness: refusal sets have their own table.
+        benches = sorted(b for b in set(data["paired"]) | set(data.get("judged") or {})
+                         if b not in FRR_BENCHES and not _harmful(comp["a"], b, index))
         for bench in benches:
             judged = (data.get("judged") or {}).get(bench) or {}
             win = judged.get("vs_b_win_rate")

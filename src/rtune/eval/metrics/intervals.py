@@ -101,11 +101,12 @@ def newcombe_paired_ci(a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[
     return max(-1.0, diff - lower), min(1.0, diff + upper)
 
 
-def paired_difference(first, second, seed: int = 0) -> dict | None:
+def paired_difference(first, second, seed: int = 0, binary: bool | None = None) -> dict | None:
     """Mean of first - second over items where both are present, with the interval fitted to the values.
 
-    Returns {"value", "ci", "n", "ci_method"}, or None when no item has both values. 0/1 values on
-    both sides get Newcombe's paired interval; anything else a paired bootstrap."""
+    Returns {"value", "ci", "n", "ci_method"}, or None when no item has both values. A 0/1 statistic
+    gets Newcombe's paired interval, anything else a paired bootstrap. binary: whether the statistic
+    is 0/1 (a score that happens to be 0 on every item is not); None: judged from the values."""
     if len(first) != len(second):
         raise ValueError(f"{len(first)} values against {len(second)}: pairs need the same items")
     pairs = [(float(x), float(y)) for x, y in zip(first, second) if x is not None and y is not None]
@@ -114,7 +115,11 @@ def paired_difference(first, second, seed: int = 0) -> dict | None:
     x = np.array([p[0] for p in pairs])
     y = np.array([p[1] for p in pairs])
     value = float(np.mean(x - y))
-    if _is_binary(x.tolist()) and _is_binary(y.tolist()):
+    if binary is None:
+        binary = _is_binary(x.tolist()) and _is_binary(y.tolist())
+    elif binary and not (_is_binary(x.tolist()) and _is_binary(y.tolist())):
+        raise ValueError("binary=True needs 0/1 values")
+    if binary:
         a = int(np.sum((x == 1) & (y == 1)))
         b = int(np.sum((x == 1) & (y == 0)))
         c = int(np.sum((x == 0) & (y == 1)))
