@@ -18,12 +18,13 @@ on the base weights here: the cost is the same, the values are the base's. Shift
 demo's own when --eval-dir points at a demo's eval folder (RT's answers, re-tokenized), else
 stand-ins of the same length limit: alpaca-demo responses cut to 192 tokens.
 
-"old" is the code path before batched scoring (rtune at git 3859cec), kept here as it was: per instruction one
-forward pass for the prompt and one for its candidates, the NLL given and without the instruction
+"old" is the code path before batched scoring (rtune at git 3859cec), kept here as it was: per
+instruction one forward pass for the prompt and one for its candidates, the NLL given and without the instruction
 each scored on its own (one prompt pass and one response pass each), one forward pass per shift
 answer, the full vocabulary's logits at every position of a pass. "new" is
 rtune.eval.instructability. The two alternate (old, new, old, new, ...) so both see the same
-machine load; the table shows the median of --repeat runs, the load average before and after,
+machine load; the table shows each one's fastest of --repeat runs (other jobs only slow a run
+down; every run is printed as it ends, with the load average), the load average before and after,
 and the largest difference between old and new values.
 """
 
@@ -33,7 +34,6 @@ import argparse
 import copy
 import os
 import random
-import statistics
 import time
 
 import torch
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: as rtune eval picks")
     p.add_argument("--eval-dir", help="a demo's eval folder: RT's answers there are the shift's answers")
     p.add_argument("--components", default="tulu,urial-r,shift")
-    p.add_argument("--repeat", type=int, default=1, help="old/new alternations; the median is shown")
+    p.add_argument("--repeat", type=int, default=1, help="old/new alternations; the fastest of each is shown")
     p.add_argument("--limit", type=int, help="only the first N held-out pairs and shift answers (smoke runs)")
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "rtune", "perf-eval-scoring"))
     a = p.parse_args()
@@ -201,7 +201,7 @@ def main() -> None:
     print(f"{'component':<10} {'x demo':>6} {'old s':>8} {'new s':>8} {'speed-up':>8} {'max |old - new|':>16}")
     total = {"old": 0.0, "new": 0.0}
     for name in names:
-        old, new = (statistics.median(times[name][w]) for w in ("old", "new"))
+        old, new = (min(times[name][w]) for w in ("old", "new"))
         total["old"] += DEMO_WEIGHTS[name] * old
         total["new"] += DEMO_WEIGHTS[name] * new
         print(f"{name:<10} {DEMO_WEIGHTS[name]:>6} {old:>8.1f} {new:>8.1f} {old / new:>7.2f}x {diffs[name]:>16.2e}")
