@@ -98,3 +98,13 @@ def test_every_subpackage_says_what_it_holds():
     for init in PACKAGE.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.splitlines()[0]) > 20, init
+
+
+def test_test_files_have_unique_basenames():
+    # tests/ has no __init__.py files: pytest imports each test file by its basename, so two files
+    # with one name in different folders stop the whole collection.
+    tests = Path(__file__).parent
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a basename"
+        seen[path.name] = path
