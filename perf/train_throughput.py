@@ -345,7 +345,7 @@ def model_flops_per_trained_token(a, work: Path) -> dict:
 
     from rtune.models import resolve_model
     from rtune.train.batching import trained_tokens
-    from rtune.train.loss import causal_lm_parts
+    from rtune.models.heads import causal_lm_parts
 
     cfg = AutoConfig.from_pretrained(resolve_model(model_spec(a, work)).path)
     with torch.device("meta"):

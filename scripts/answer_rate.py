@@ -20,7 +20,8 @@ from pathlib import Path
 from rtune.data import read_prompts
 from rtune.data.sources import read_records
 from rtune.demo import is_answer, summarise, table
-from rtune.infer.generate import GenerationConfig, answer_prompts
+from rtune.infer.answer import answer_prompts
+from rtune.infer.generate import GenerationConfig
 from rtune.infer.load import load_for_inference
 from rtune.io import write_jsonl_atomic
 

@@ -295,7 +295,7 @@ def _endpoint_settings(a) -> dict | None:
 
 
 def cmd_generate(a) -> None:
-    from rtune.infer.generate import generate_file
+    from rtune.infer.answer import generate_file
 
     template, icl_file = _plain_format(a)
     config = _generation_config(a)

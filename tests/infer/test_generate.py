@@ -9,11 +9,12 @@ import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import rtune.infer.generate as gen
+import rtune.infer.answer as answer
 from rtune import run_folder
 from rtune.data import read_prompts
 from rtune.errors import RtuneError
-from rtune.infer.generate import Generation, GenerationConfig, generate_file, generate_ids
+from rtune.infer.answer import generate_file
+from rtune.infer.generate import Generation, GenerationConfig, generate_ids
 from rtune.infer.load import load_for_inference
 from rtune.render import Renderer
 
@@ -300,7 +301,7 @@ def loaded(monkeypatch, llama, tiny_tokenizer, renderer):
         calls.append((model_or_run, template))
         return llama, tiny_tokenizer, renderer
 
-    monkeypatch.setattr(gen, "load_for_inference", fake_load)
+    monkeypatch.setattr(answer, "load_for_inference", fake_load)
     return calls
 
 

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from rtune.cli import main
 from rtune.errors import RtuneError
-from rtune.infer.generate import GenerationConfig, generate_file, generate_ids
+from rtune.infer.answer import generate_file
+from rtune.infer.generate import GenerationConfig, generate_ids
 from rtune.infer.rules import RuleModel, RulesConfig, vocab_index
 from rtune.render import Renderer
 

@@ -146,6 +146,8 @@ def test_rating_input_is_validated(server, eval_dir, tmp_path):
     refused(400, "invalid_value", acceptable=[True])
     refused(400, "invalid_value", acceptable=["yes", "no"])
     refused(400, "invalid_value", id=1)  # strict types: an id is a string
+    status, _, data = call(server.url, "POST", "/api/rate/rating", {**body, "rater": 5}, key=KEY)
+    assert data["error"]["param"] == "rater" and "'rater'" in data["error"]["message"], data  # the field is named
     status, _, data = call(server.url, "POST", "/api/rate/rating", {k: v for k, v in body.items() if k != "choice"},
                            key=KEY)
     assert status == 400 and data["error"]["code"] == "missing_field"

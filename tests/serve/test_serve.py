@@ -187,6 +187,42 @@ def test_end_of_turn_is_finish_stop_and_completions_show_the_end_token(served, c
         handle.remove()
 
 
+def test_completions_name_the_stop_and_return_token_ids_as_vllm_does(served, client):
+    prompt = "The quick brown"
+    long = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12,
+                                     extra_body={"return_token_ids": True})
+    choice = long.model_dump()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
+    assert served.tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
+    assert len(choice["token_ids"]) == long.usage.completion_tokens == 12
+    plain = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
+    assert "token_ids" not in plain.model_dump()["choices"][0]  # only when asked
+
+    text = choice["text"]
+    k = next(i for i in range(1, len(text) - 1) if text[i : i + 2].strip() == text[i : i + 2] and text[i:i + 2].isprintable())
+    stop = text[k : k + 2]
+    cut = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12,
+                                    stop=["zzzz", stop], extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+    assert (cut["finish_reason"], cut["stop_reason"]) == ("stop", stop)
+    assert cut["text"] == text[: text.find(stop)].rstrip()
+    # The ids cover the text up to the stop string: cut as the HF path cuts its own.
+    assert served.tokenizer.decode(cut["token_ids"], skip_special_tokens=True).startswith(cut["text"])
+
+    eos = served.tokenizer.eos_token_id
+
+    def force_eos(module, args, kwargs, output):
+        output.logits[:, -1, eos] += 1e4
+        return output
+
+    handle = served.model.register_forward_hook(force_eos, with_kwargs=True)
+    try:
+        ended = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8,
+                                          extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+    finally:
+        handle.remove()
+    assert (ended["finish_reason"], ended["stop_reason"], ended["token_ids"]) == ("stop", None, [eos])
+
+
 def test_streaming_matches_the_plain_reply(served, client):
     plain = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=12)
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=12,

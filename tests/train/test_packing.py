@@ -12,7 +12,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 from rtune.render import IGNORE
 from rtune.train.batching import collate_packed, collate_padded, register_varlen_sdpa
 from rtune.train.config import load_config
-from rtune.train.loss import causal_lm_parts, chunked_linear_ce_sum, token_loss_sum
+from rtune.models.heads import causal_lm_parts
+from rtune.train.loss import chunked_linear_ce_sum, token_loss_sum
 from rtune.train.recipe import train
 
 FP32 = torch.autocast("cpu", enabled=False)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from rtune.errors import RtuneError
+from rtune.models.heads import causal_lm_parts, gpu_row_chunk
 from rtune.render import IGNORE
 
 
@@ -110,8 +111,6 @@ def _device(model):
 
 def _head_of(model):
     """(decoder body, output weight, final logit soft-cap) of `model`, or None to use its full logits."""
-    from rtune.train.loss import causal_lm_parts
-
     parts = causal_lm_parts(model)
     return None if parts is None else (parts[0], parts[1].weight, parts[2])
 
@@ -121,9 +120,7 @@ def _tiling(n: int, vocab: int, device_type: str) -> tuple[int, int]:
     core's L2 cache: the log-sum-exp passes over a tile then run from cache (measured on 2 AMX cores:
     1,024 positions x Gemma's 262k vocabulary in 0.32 s with 512-wide tiles, 0.83 s with 8 MiB ones)."""
     if device_type != "cpu":
-        from rtune.train.loss import tiling
-
-        return tiling(n, vocab, device_type)
+        return gpu_row_chunk(vocab), vocab
     rows = min(n, CPU_SCORE_ROWS)
     return rows, min(vocab, max(64, CPU_SCORE_TILE_BYTES // (4 * rows) // 64 * 64))
 

@@ -35,11 +35,13 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rtune.errors import RtuneError
 from rtune.serve import proxy
+from rtune.serve.api import ApiError, parse_json_body
+from rtune.serve.api import StrictBody as _Strict
 from rtune.serve.engine import Engine, Job, Result, Settings, TokenLogprob
 from rtune.serve.middleware import ServeMiddleware, error_body
 from rtune.serve.scheduler import QueueFull, Scheduler, ShuttingDown
@@ -52,12 +54,6 @@ MAX_TOP_LOGPROBS = 20
 
 
 # -- request models ---------------------------------------------------------------------------------
-class _Strict(BaseModel):
-    # Strict types: a string is not a number, a number is not a boolean. Unknown fields are ignored
-    # (clients send `user`, `metadata`, ...); the ones that would change the answer are refused below.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -106,66 +102,19 @@ class CompletionRequest(_Decoding):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
+    return_token_ids: bool | None = False  # vLLM's extension: choices[].token_ids, the reply's ids
 
 
 # -- errors -----------------------------------------------------------------------------------------
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
-
-
 _UNION_HINTS = {
     "stop": "a string or a list of strings",
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
 }
-_FIELDS = set().union(*(m.model_fields for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)))
-
-
-def _validation_error(e: ValidationError) -> ApiError:
-    err = e.errors()[0]
-    path, field, in_union = "", None, False
-    for part in err["loc"]:
-        if in_union:
-            break  # what follows a union member's tag belongs to that member
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in _FIELDS:
-            path += ("." if path else "") + part
-            field = part
-        else:
-            in_union = True  # a union member's tag ('str', 'list[int]', ...): not part of the path
-    if err["type"] == "missing":
-        return ApiError(400, f"'{path}' is required", path, "missing_field")
-    if in_union and field in _UNION_HINTS:
-        return ApiError(400, f"'{path}' must be {_UNION_HINTS[field]}", path, "invalid_type")
-    given = err.get("input")
-    shown = f" (got {given!r})" if isinstance(given, (str, int, float, bool)) and len(repr(given)) <= 40 else ""
-    return ApiError(400, f"'{path}': {err['msg']}{shown}", path, "invalid_value")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_body(model, body: bytes):
-    try:
-        data = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise _validation_error(e) from None
+    return parse_json_body(model, body, _UNION_HINTS)
 
 
 def _refuse_unsupported(req: _Decoding) -> None:
@@ -459,6 +408,9 @@ async def _results(request: Request, served: Served, jobs: list[Job]) -> list[Re
         if left:  # the client left, or this handler was cancelled
             served.scheduler.cancel(jobs)
             gathered.cancel()
+            # A job that failed as it was cancelled leaves an exception nobody reads: read it here
+            # (else asyncio logs "_GatheringFuture exception was never retrieved").
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
     if left:
         return None
     try:
@@ -681,7 +633,7 @@ async def completions(request: Request):
 
         def final(result: Result):
             yield {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                        "finish_reason": result.finish_reason}]}
+                                        "finish_reason": result.finish_reason, "stop_reason": result.stop_reason}]}
             if req.stream_options and req.stream_options.include_usage:
                 yield {**head, "choices": [], "usage": _usage(len(prompts[0][1]), result.completion_tokens)}
 
@@ -691,7 +643,11 @@ async def completions(request: Request):
     if done is None:
         return _gone()
     choices = [{"index": i, "text": (text if req.echo else "") + result.text, "finish_reason": result.finish_reason,
+                "stop_reason": result.stop_reason,
                 "logprobs": completion_logprobs(result.logprobs) if result.logprobs is not None else None}
                for i, ((text, _, _), result) in enumerate(zip(prompts, done))]
+    if req.return_token_ids:
+        for choice, result in zip(choices, done):
+            choice["token_ids"] = result.token_ids
     return JSONResponse({**head, "choices": choices, "usage": _usage(sum(len(ids) for _, ids, _ in prompts),
                                                                      sum(r.completion_tokens for r in done))})

@@ -92,6 +92,9 @@ class Result:
     finish_reason: str  # OpenAI's: "stop" (an end id or a stop string) or "length"
     completion_tokens: int  # reply tokens plus the end token when the model generated one
     logprobs: list[TokenLogprob] | None = None  # (prompt if echo) + reply (+ end token on /v1/completions)
+    # vLLM's: what ended the reply (None: the model's end id, or "length"; an id; a stop string)
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # the reply's ids, the end id last when it ended on one
 
 
 class _EndIdsOnly:
@@ -223,13 +226,26 @@ class Engine:
         gen = _finish(self.tokenizer, ids, stops) if ids else Generation(text="", token_ids=[], finish_reason="length")
         ended = gen.stop_id is not None
         result = Result(text=gen.text, finish_reason="length" if gen.finish_reason == "length" else "stop",
-                        completion_tokens=gen.num_tokens + ended)
+                        completion_tokens=gen.num_tokens + ended,
+                        stop_reason=self._stop_reason(gen, ids, stops),
+                        token_ids=gen.token_ids + ([gen.stop_id] if ended else []))
         if job.logprobs is not None:
             # /v1/completions also shows the end token (likelihood clients drop the last entry).
             reply = gen.token_ids + ([gen.stop_id] if ended and job.settings.raw else [])
             start = 0 if job.echo else len(job.prompt_ids)
             result.logprobs = self.token_logprobs(job.prompt_ids + reply, start, job.logprobs)
         return result
+
+    def _stop_reason(self, gen: Generation, ids: list[int], stops: StopSet) -> int | str | None:
+        """vLLM's stop_reason: None for the model's end id (and for "length"), the id of another stop
+        id, or the stop string that cut the reply (the earliest one in the decoded text)."""
+        if gen.finish_reason in ("eos", "length"):
+            return None
+        if gen.stop_id is not None:
+            return gen.stop_id
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        found = [(text.find(s), -len(s), s) for s in stops.strings if s and s in text]
+        return min(found)[2] if found else None
 
     def _forward(self, ids: list[int], cache, keep: int | None):
         kwargs = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}

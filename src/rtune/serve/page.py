@@ -17,7 +17,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
-from rtune.serve.app import ApiError
+from rtune.serve.api import ApiError
 
 PAGE_FILES = {  # the only files served: name -> media type
     "chat.html": "text/html; charset=utf-8",

@@ -16,6 +16,7 @@ import json
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from rtune.serve.api import ApiError
 from rtune.serve.specs import EndpointSpec
 
 CONNECT_TIMEOUT_S = 10.0
@@ -47,7 +48,6 @@ def named_endpoint(request: Request, body: bytes) -> EndpointSpec | None:
 async def forward(request: Request, spec: EndpointSpec, path: str, body: bytes):
     import httpx2
 
-    from rtune.serve.app import ApiError
 
     data = json.loads(body)
     data["model"] = spec.model

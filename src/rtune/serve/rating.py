@@ -34,7 +34,7 @@ from fastapi import APIRouter, Request
 from rtune.errors import RtuneError
 from rtune.eval import human
 from rtune.eval.results import EVAL_INFO, ITEMS, SUMMARY
-from rtune.serve.app import ApiError, _Strict, parse_body
+from rtune.serve.api import ApiError, StrictBody, parse_json_body
 
 MAX_BODY_BYTES = 16 << 10  # a rating is a few hundred bytes
 
@@ -106,13 +106,13 @@ def _read_json(path: Path) -> dict:
 
 
 # -- requests -----------------------------------------------------------------------------------
-class PairRequest(_Strict):
+class PairRequest(StrictBody):
     rater: str
     models: list[str]
     bench: str | None = None
 
 
-class ItemRequest(_Strict):
+class ItemRequest(StrictBody):
     rater: str
     models: list[str]
     bench: str
@@ -139,7 +139,7 @@ async def _parse(request: Request, model):
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(400, f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes", None,
                        "request_too_large")
-    req = parse_body(model, body)
+    req = parse_json_body(model, body)
     ratings = _ratings(request)
     if not human.RATER_NAME.fullmatch(req.rater):
         raise ApiError(400, "'rater' must be 1 to 64 letters, digits, '_' or '-'", "rater", "invalid_value")

@@ -27,13 +27,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rtune.models.heads import causal_lm_parts, gpu_row_chunk
 from rtune.render import IGNORE
 from rtune.train.batching import packed_attention_kwargs
 from rtune.train.config import TrainConfig
 
 CPU_TILE_BYTES = 8 * 2**20  # fp32 logits of one tile on CPU: stays in L2/L3 cache
 CPU_ROWS = 1024  # rows per chunk on CPU: each chunk reads the output weight twice
-GPU_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one row chunk (whole vocabulary) elsewhere
 # check_output_head: positions compared (cheap even for a 262k vocabulary), and how far apart the
 # losses may be. Measured: bf16 autocast rounding (Gemma's soft-cap, done in bf16 by the model)
 # moves the sum of 128 positions by up to 2e-3; a logit scale of 1/8 moves it by 10% (tiny random
@@ -48,22 +48,7 @@ def tiling(n_rows: int, vocab: int, device_type: str, rows: int = 0) -> tuple[in
         rows = rows or CPU_ROWS
         tile = CPU_TILE_BYTES // (4 * max(1, min(rows, n_rows)))
         return rows, min(vocab, max(32, tile // 32 * 32))
-    return rows or max(16, GPU_CHUNK_BYTES // (4 * vocab)), vocab
-
-
-def causal_lm_parts(model):
-    """(decoder body, output layer, final logit soft-cap or None) of a causal LM, peft-wrapped or not.
-
-    The body returns the last hidden states (after the final norm); the output layer maps them to
-    logits. Returns None when the model does not have this common layout: use impl="full" then.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
-    body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if body is None or body is base or not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return None
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return body, head, softcap
+    return rows or gpu_row_chunk(vocab), vocab
 
 
 def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

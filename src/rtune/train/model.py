@@ -16,9 +16,9 @@ import torch
 
 from rtune.errors import RtuneError
 from rtune.models import load_model, quiet_peft
+from rtune.models.heads import causal_lm_parts
 from rtune.train.batching import register_varlen_sdpa
 from rtune.train.config import TrainConfig
-from rtune.train.loss import causal_lm_parts
 
 log = logging.getLogger("rtune.train")
 
@@ -205,7 +205,7 @@ def use_numpy_dropout(model) -> int:
 
 
 def decoder_body(model):
-    """The decoder body (rtune.train.loss.causal_lm_parts), or the whole model when it has no such layout."""
+    """The decoder body (rtune.models.heads.causal_lm_parts), or the whole model when it has no such layout."""
     parts = causal_lm_parts(model)
     return parts[0] if parts is not None else model
 
