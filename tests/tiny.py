@@ -77,7 +77,7 @@ def tiny_model_dir(path: Path, seed: int = 0, tokenizer=None) -> Path:
     return path
 
 
-def tiny_gpt2(tokenizer):
+def tiny_gpt2(tokenizer, positions: int = 512):
     """A 2-layer GPT-2 with random weights. Its positions are learned and absolute, so wrong
     position ids (left padding, a continuation after a cached prefix) change its outputs; RoPE
     models are blind to a constant position offset."""
@@ -86,7 +86,7 @@ def tiny_gpt2(tokenizer):
 
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2,
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=positions, initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     return GPT2LMHeadModel(config).eval()

@@ -24,11 +24,15 @@ class GatedEngine(Engine):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = 0
+        self.held = False  # a step waits at the closed gate now
         self.fail: Exception | None = None
 
     def forward(self, *args, **kwargs):
         self.entered += 1
-        if not self.gate.wait(TIMEOUT):
+        self.held = not self.gate.is_set()
+        opened = self.gate.wait(TIMEOUT)
+        self.held = False
+        if not opened:
             raise TimeoutError("the test gate never opened")
         if self.fail is not None:
             raise self.fail

@@ -333,7 +333,9 @@ def test_concurrent_requests_are_batched_and_answer_as_serial_ones(served):
             entered = served.engine.entered
             blocker = asyncio.create_task(client.chat.completions.create(
                 model=MODEL, messages=HELLO, temperature=0, max_tokens=1))
+            deadline = time.monotonic() + TIMEOUT
             while served.engine.entered == entered:
+                assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
         tasks = [asyncio.create_task(client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=8)) for p in PROMPTS]

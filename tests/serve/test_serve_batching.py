@@ -3,6 +3,7 @@ finish, and each gets exactly what generating it alone gives (fp32); incremental
 
 import asyncio
 import random
+import time
 
 import openai
 import pytest
@@ -299,12 +300,18 @@ def test_one_token_requests_take_no_row_of_the_batch(endless_model_path, gated_e
     async def together():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
         try:
+            deadline = time.monotonic() + TIMEOUT
             long = [asyncio.create_task(_send(client, "chat", body(p, 2000))) for p in PROMPTS[:2]]
             while scheduler.running < 2:  # both rows taken (their replies never end before 2000 tokens)
+                assert time.monotonic() < deadline
                 await asyncio.sleep(0.005)
             engine.gate.clear()
+            while not engine.held:  # the model waits at the gate: the short ones cannot be taken yet
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
             short = [asyncio.create_task(_send(client, "chat", body(p, 1))) for p in PROMPTS[2:8]]
             while scheduler.queued < 6:
+                assert time.monotonic() < deadline
                 await asyncio.sleep(0.005)
             shapes.clear()
             engine.gate.set()
