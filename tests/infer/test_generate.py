@@ -449,3 +449,24 @@ def test_merged_folder_uses_saved_template(tmp_path, tiny_tokenizer):
     model, tok, r = load_for_inference(str(folder), dtype=torch.float32, device="cpu")
     assert tok.decode(r.render_prompt("Hi")).endswith("<|bot|>\n")
     assert not model.training
+
+
+def test_the_output_layer_gets_a_contiguous_input(tiny_model_path):
+    """HF's generate hands the output layer a strided slice of the prompt's hidden states; on CPUs a
+    frozen weight then makes torch run one copy of it per row (seconds and GBs for a 262k vocabulary).
+    load_for_inference makes that input contiguous: same values, ordinary matmul."""
+    from rtune.infer.load import load_for_inference
+
+    model, tokenizer, renderer = load_for_inference(str(tiny_model_path))
+    for p in model.parameters():
+        p.requires_grad_(False)  # as in a merged or LoRA run
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    prompts = [renderer.render_prompt(text) for text in INSTRUCTIONS[:3]]
+    gens = generate_ids(model, tokenizer, renderer, prompts, GenerationConfig(max_new_tokens=3, batch_size=3))
+    assert seen and all(seen)
+    plain, _, _ = load_for_inference(str(tiny_model_path))
+    plain.get_output_embeddings()._forward_pre_hooks.clear()  # without it: the same tokens
+    assert [g.token_ids for g in gens] == [g.token_ids for g in
+                                           generate_ids(plain, tokenizer, renderer, prompts,
+                                                        GenerationConfig(max_new_tokens=3, batch_size=3))]

@@ -46,6 +46,7 @@ def load_for_inference(model_or_run: str | os.PathLike, template: str | None = N
     one, else fp32 on the CPU.
     """
     from rtune.models import load_model, load_tokenizer
+    from rtune.models.heads import contiguous_head_input
     from rtune.render import Renderer
 
     check_plain_model_format(model_or_run, template, icl_file)
@@ -58,6 +59,7 @@ def load_for_inference(model_or_run: str | os.PathLike, template: str | None = N
         renderer = Renderer(tokenizer, template or "tulu", icl_file=icl_file)
         model = load_model(model_or_run, dtype=dtype, device=device)
     model.eval()
+    contiguous_head_input(model)
     return model, tokenizer, renderer
 
 

@@ -25,3 +25,23 @@ def causal_lm_parts(model):
         return None
     softcap = getattr(base.config, "final_logit_softcapping", None)
     return body, head, softcap
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model) -> None:
+    """Hand the output layer a contiguous input when generating.
+
+    HF's generate keeps the last position's hidden states as a strided slice ([batch, 1, hidden]
+    of [batch, prompt, hidden]). On CPUs, torch 2.13's linear on such a slice with a weight that does
+    not require grad (any frozen or merged model) runs a batched matmul over one copy of the weight
+    per row: with Gemma's 262k x 640 output layer and a batch of 24, 24 s and 8 GB more memory per
+    prefill instead of 0.03 s (measured: docs/performance.md, "Generation"). A copy of the slice
+    costs [batch x hidden] values.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and not getattr(head, "_rtune_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._rtune_contiguous_input = True
