@@ -1,8 +1,9 @@
 """The report's figures, drawn with matplotlib's Agg canvas (no pyplot: no global state, no display).
 
 Each function takes plain data (model labels, metric dicts from summary.json, lengths) and returns
-a Figure, or None when there is nothing to draw. Bars and points carry their 95% bootstrap interval
-as whiskers; every figure colours a model the same way.
+a Figure, or None when there is nothing to draw. Bars and points carry their metric's 95% interval
+as whiskers (its ci_method: Wilson for rates, bootstrap for means); every figure colours a model the
+same way.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def metrics_figure(bench: str, models: list[str], metrics: list[tuple[str, dict[
     mean_rows = math.ceil(len(means) / cols)
     heights = ([0.9 + len(rates) * (0.18 * len(models) + 0.25)] if rates else []) + ([2.9 * mean_rows] if means else [])
     fig = Figure(figsize=(WIDTH, sum(heights) + 1.0), layout="constrained")
-    fig.suptitle(f"{bench}: metrics per model (whiskers: 95% bootstrap interval)", fontsize=13)
+    fig.suptitle(f"{bench}: metrics per model (whiskers: 95% intervals, Wilson for rates, bootstrap for means)",
+                 fontsize=13)
     # Separate subfigures, so the rates' long labels don't push the mean panels aside.
     parts = list(fig.subfigures(len(heights), 1, height_ratios=heights)) if len(heights) > 1 else [fig]
 
@@ -168,7 +170,7 @@ def refusal_figure(points: list[tuple[str, str, dict, dict, str]], models: list[
     title = "Refusal vs over-refusal" + (f" ({sources[0]})" if len(sources) == 1 else "")
     if len(judges) > 1:
         title += f"\nfilled: judge {judges[0]}; hollow: judge {', '.join(judges[1:])}"
-    fig.suptitle(title + "\nbest: top left; whiskers: 95% bootstrap interval", fontsize=12)
+    fig.suptitle(title + "\nbest: top left; whiskers: 95% Wilson interval", fontsize=12)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return fig
@@ -194,7 +196,8 @@ def ranking_figure(groups: list[tuple[str, dict[str, dict]]], models: list[str],
     ax.set_xticks(range(len(groups)), ["\n".join(textwrap.fill(line, 30) for line in g[0].split("\n")) for g in groups])
     ax.set_ylim(0, 101)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Response ranking accuracy (whiskers: 95% bootstrap interval)", fontsize=12)
+    ax.set_title("Response ranking accuracy\n(whiskers: 95% intervals, Wilson for top-1, bootstrap for the pairwise share)",
+                 fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     _legend(fig, models, colors)
     return fig
