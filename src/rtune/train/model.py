@@ -129,7 +129,10 @@ def enable_checkpointing(model, config: TrainConfig) -> None:
     if not (config.gradient_checkpointing or config.checkpoint_tokens):
         return
     if config.peft != "qlora":  # prepare_model_for_kbit_training turns it on for QLoRA (apply_peft)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # older ones in rtune's range (5.20.2 has only the old name)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not config.gradient_checkpointing:
         for layer in checkpoint_layers(model):
             layer.gradient_checkpointing = False
