@@ -2,6 +2,7 @@
 driven by the openai client (sync and async), curl and raw HTTP. Every request loop is bounded."""
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -34,34 +35,15 @@ PROMPTS = ["The quick brown fox", "Give three tips", "1. First\n2. Second", "Hé
 TIMEOUT = 60
 
 
-class GatedEngine(Engine):
-    """An Engine whose forward steps can be held (gate cleared), made to fail, and counted."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = 0
-        self.fail: Exception | None = None
-
-    def forward(self, *args, **kwargs):
-        self.entered += 1
-        if not self.gate.wait(TIMEOUT):
-            raise TimeoutError("the test gate never opened")
-        if self.fail is not None:
-            raise self.fail
-        return super().forward(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_model_path):
     return load_for_inference(str(tiny_model_path), dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def served(loaded):
+def served(loaded, gated_engine_class):
     model, tokenizer, renderer = loaded
-    engine = GatedEngine(model, tokenizer, renderer, MODEL)
+    engine = gated_engine_class(model, tokenizer, renderer, MODEL)
     app = create_app(engine, max_batch_size=8, batch_wait_ms=20, max_queue=8, max_tokens=16)
     with ServerThread(app) as server:
         yield SimpleNamespace(url=server.url, engine=engine, scheduler=app.state.models[MODEL].scheduler, model=model,
@@ -164,7 +146,9 @@ def test_stop_strings_and_length(served, client):
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
 
-def test_end_of_turn_is_finish_stop_and_completions_show_the_end_token(served, client):
+@contextlib.contextmanager
+def forced_eos(served):
+    """The model's next token is its end token, whatever the prompt."""
     eos = served.tokenizer.eos_token_id
 
     def force_eos(module, args, kwargs, output):
@@ -173,6 +157,13 @@ def test_end_of_turn_is_finish_stop_and_completions_show_the_end_token(served, c
 
     handle = served.model.register_forward_hook(force_eos, with_kwargs=True)
     try:
+        yield eos
+    finally:
+        handle.remove()
+
+
+def test_end_of_turn_is_finish_stop_and_completions_show_the_end_token(served, client):
+    with forced_eos(served):
         reply = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=8, logprobs=True)
         assert reply.choices[0].message.content == "" and reply.choices[0].finish_reason == "stop"
         assert reply.usage.completion_tokens == 1 and reply.choices[0].logprobs.content == []
@@ -183,8 +174,6 @@ def test_end_of_turn_is_finish_stop_and_completions_show_the_end_token(served, c
         lp = done.choices[0].logprobs
         assert done.choices[0].finish_reason == "stop" and done.choices[0].text == "The quick"
         assert len(lp.tokens) == len(ids) + 1 and lp.tokens[-1] == "<eos>"  # what likelihood clients slice off
-    finally:
-        handle.remove()
 
 
 def test_completions_name_the_stop_and_return_token_ids_as_vllm_does(served, client):
@@ -208,18 +197,9 @@ def test_completions_name_the_stop_and_return_token_ids_as_vllm_does(served, cli
     # The ids cover the text up to the stop string: cut as the HF path cuts its own.
     assert served.tokenizer.decode(cut["token_ids"], skip_special_tokens=True).startswith(cut["text"])
 
-    eos = served.tokenizer.eos_token_id
-
-    def force_eos(module, args, kwargs, output):
-        output.logits[:, -1, eos] += 1e4
-        return output
-
-    handle = served.model.register_forward_hook(force_eos, with_kwargs=True)
-    try:
+    with forced_eos(served) as eos:
         ended = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8,
                                           extra_body={"return_token_ids": True}).model_dump()["choices"][0]
-    finally:
-        handle.remove()
     assert (ended["finish_reason"], ended["stop_reason"], ended["token_ids"]) == ("stop", None, [eos])
 
 

@@ -89,6 +89,7 @@ class Generation:
     num_tokens: int = 0  # len(token_ids)
     # The stop id that ended the reply (generated, not in token_ids); None after a stop string or at the length limit.
     stop_id: int | None = None
+    stop_string: str | None = None  # the stop string the text was cut at (finish "stop" without a stop id)
     # Where token_ids come from, for backends other than HF: "server" (the engine's own ids) or
     # "retokenized" (a server that returns text only: its text tokenized here). None: this model's.
     token_ids_from: str | None = None
@@ -168,10 +169,13 @@ class _ReplyStopStrings:
         return self.matcher(input_ids[:, self.prompt_width :], scores, **kwargs)
 
 
-def _first_stop(text: str, strings: list[str]) -> int | None:
-    """Where the earliest stop string in `text` begins (None: there is none)."""
-    found = [i for i in (text.find(s) for s in strings) if i >= 0]
-    return min(found) if found else None
+def _first_stop(text: str, strings: list[str]) -> tuple[int, str] | None:
+    """(where, which): the earliest stop string in `text` (the longest of those starting there), or None."""
+    found = [(i, -len(s), s) for s, i in ((s, text.find(s)) for s in strings) if i >= 0]
+    if not found:
+        return None
+    at, _, string = min(found)
+    return at, string
 
 
 # -- generation -------------------------------------------------------------------------------------
@@ -240,9 +244,9 @@ def _finish(tokenizer, new_ids: list[int], stops: _Stops) -> Generation:
     """One row of generated ids (padding included) as a Generation cut at its first stop."""
     ids, stop_id = _split_generated(new_ids, stops.all_ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    at = _first_stop(text, stops.strings)
-    if at is not None:
-        text = text[:at].rstrip()
+    cut = _first_stop(text, stops.strings)
+    if cut is not None:
+        text = text[: cut[0]].rstrip()
         ids = ids[: _covering_prefix(tokenizer, ids, text)]
         reason = "stop"
     elif stop_id is None:
@@ -255,7 +259,8 @@ def _finish(tokenizer, new_ids: list[int], stops: _Stops) -> Generation:
             text = clean
             ids = ids[: _covering_prefix(tokenizer, ids, text)]
     return Generation(text=text, token_ids=ids, finish_reason=reason, num_tokens=len(ids),
-                      stop_id=stop_id if reason != "length" and at is None else None)
+                      stop_id=stop_id if reason != "length" and cut is None else None,
+                      stop_string=cut[1] if cut is not None else None)
 
 
 def _model_device(model):

@@ -38,7 +38,7 @@ def contiguous_head_input(model) -> None:
     of [batch, prompt, hidden]). On CPUs, torch 2.13's linear on such a slice with a weight that does
     not require grad (any frozen or merged model) runs a batched matmul over one copy of the weight
     per row: with Gemma's 262k x 640 output layer and a batch of 24, 24 s and 8 GB more memory per
-    prefill instead of 0.03 s (measured: docs/performance.md, "Generation"). A copy of the slice
+    prefill instead of 0.03 s (measured: docs/results.md, "Where the memory went"). A copy of the slice
     costs [batch x hidden] values.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -40,8 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rtune.errors import RtuneError
 from rtune.serve import proxy
-from rtune.serve.api import ApiError, parse_json_body
-from rtune.serve.api import StrictBody as _Strict
+from rtune.serve.api import ApiError, StrictBody, parse_json_body
 from rtune.serve.engine import Engine, Job, Result, Settings, TokenLogprob
 from rtune.serve.middleware import ServeMiddleware, error_body
 from rtune.serve.scheduler import QueueFull, Scheduler, ShuttingDown
@@ -54,22 +53,22 @@ MAX_TOP_LOGPROBS = 20
 
 
 # -- request models ---------------------------------------------------------------------------------
-class TextPart(_Strict):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class Message(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictBody):
     include_usage: bool | None = False
 
 
-class _Decoding(_Strict):
+class _Decoding(StrictBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)

@@ -227,7 +227,9 @@ class Engine:
         ended = gen.stop_id is not None
         result = Result(text=gen.text, finish_reason="length" if gen.finish_reason == "length" else "stop",
                         completion_tokens=gen.num_tokens + ended,
-                        stop_reason=self._stop_reason(gen, ids, stops),
+                        # vLLM's stop_reason: None for the model's end id (and "length"), else the stop id or string
+                        stop_reason=None if gen.finish_reason in ("eos", "length") else (
+                            gen.stop_id if gen.stop_id is not None else gen.stop_string),
                         token_ids=gen.token_ids + ([gen.stop_id] if ended else []))
         if job.logprobs is not None:
             # /v1/completions also shows the end token (likelihood clients drop the last entry).
@@ -235,17 +237,6 @@ class Engine:
             start = 0 if job.echo else len(job.prompt_ids)
             result.logprobs = self.token_logprobs(job.prompt_ids + reply, start, job.logprobs)
         return result
-
-    def _stop_reason(self, gen: Generation, ids: list[int], stops: StopSet) -> int | str | None:
-        """vLLM's stop_reason: None for the model's end id (and for "length"), the id of another stop
-        id, or the stop string that cut the reply (the earliest one in the decoded text)."""
-        if gen.finish_reason in ("eos", "length"):
-            return None
-        if gen.stop_id is not None:
-            return gen.stop_id
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        found = [(text.find(s), -len(s), s) for s in stops.strings if s and s in text]
-        return min(found)[2] if found else None
 
     def _forward(self, ids: list[int], cache, keep: int | None):
         kwargs = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
