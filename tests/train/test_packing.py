@@ -190,7 +190,8 @@ def test_training_runs_agree_across_packing_and_loss_impl(tiny_model_path, tmp_p
                 lora_dropout=0.0, precision="fp32", log_steps=1, save_steps=0)
     runs, infos = {}, {}
     variants = {"padded-full": dict(loss_impl="full"), "padded": {}, "packed": dict(packing=True),
-                "packed-mask": dict(packing=True, packed_attention="mask")}
+                "packed-mask": dict(packing=True, packed_attention="mask"),
+                "packed-fused": dict(packing=True, fuse_steps=True)}  # each step's 2 micro-batches as one row
     for name, kw in variants.items():
         infos[name] = train(str(tiny_model_path), str(data), str(tmp_path / name), load_config(None, {**base, **kw}),
                             progress=False)
@@ -206,6 +207,21 @@ def test_training_runs_agree_across_packing_and_loss_impl(tiny_model_path, tmp_p
         for k in ref_w:
             # Adam turns float-rounding differences of near-zero gradients into ~1e-6 weight differences
             torch.testing.assert_close(weights[k], ref_w[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+
+
+def test_fuse_steps_runs_a_step_as_one_pass_and_needs_packing(tiny_model_path, tmp_path):
+    from rtune.errors import RtuneError
+    from rtune.train.recipe import fused
+
+    assert fused([([3, 1], 1.0), ([0], 1.0), ([2, 5], 1.0)]) == [([3, 1, 0, 2, 5], 1.0)]
+    # A process short of micro-batches keeps its zero-weight stand-in (DDP needs its backward).
+    assert fused([([3, 1], 0.0)]) == [([3, 1], 0.0)]
+    assert fused([([3, 1], 1.0), ([4], 0.0)]) == [([3, 1], 1.0)]
+    data = _write_records(tmp_path / "d.jsonl")
+    with pytest.raises(RtuneError, match="fuse_steps needs packing"):
+        train(str(tiny_model_path), str(data), str(tmp_path / "run"),
+              load_config(None, dict(fuse_steps=True, max_steps=1, lora_r=4, save_steps=0)), progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_frozen_base_in_bf16_gives_the_same_numbers_under_autocast():

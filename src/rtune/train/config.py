@@ -77,6 +77,8 @@ class TrainConfig:
 
     # Speed (none of these changes what is trained: same tokens, same loss up to float rounding)
     packing: bool = _field(False, "each micro-batch as one padding-free row, sequences kept apart by their position ids")
+    fuse_steps: bool = _field(False, "with packing: the micro-batches of an optimiser step as one packed row (the same "
+                                     "steps as batch_size x grad_accum, fewer and larger matmuls, the memory of a step)")
     packed_attention: str = _field("varlen", "varlen: sequence by sequence (flash-attn on GPU) | mask: block-diagonal mask")
     loss_impl: str = _field("chunked", "chunked: output layer on trained positions only, in chunks | full: all logits"
                                         " | liger: Liger Kernel's fused linear cross-entropy on trained positions "

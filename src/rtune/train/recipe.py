@@ -189,6 +189,8 @@ def start(out_dir: str | os.PathLike, config: TrainConfig, resume: bool) -> tupl
     sharded = check_distributed(accelerator, config)
     config.precision = resolve_precision(config.precision, accelerator.device)
     check_hardware(config, accelerator.device)
+    if config.fuse_steps and not config.packing:
+        raise RtuneError("fuse_steps needs packing: true (padded micro-batches of different widths cannot be one row)")
     report_to.check_installed(config)  # before anything is loaded or written
     if config.peft == "none" and config.merge:
         config.merge = False  # full fine-tuning already writes a standalone model/
@@ -469,6 +471,14 @@ def fit(job: Job, data: Data, trainee: Trainee, state: Progress, progress: bool,
             dashboards.close(ok)
 
 
+def fused(micro: list[tuple[list[int], float]]) -> list[tuple[list[int], float]]:
+    """A process's micro-batches of one step as one (`fuse_steps`): the loss is a sum over tokens
+    normalised by the step's trained tokens, so one packed pass gives the gradient of the separate ones.
+    Zero-weight stand-ins (rtune.train.batching.my_micro_batches) stay as they are."""
+    real = [indices for indices, weight in micro if weight]
+    return [([i for indices in real for i in indices], 1.0)] if real else micro
+
+
 def train_step(job: Job, data: Data, trainee: Trainee, step: list[list[int]], step_tokens: int,
                step_index: int) -> tuple[float, float, float]:
     """One optimiser step over this process's micro-batches; returns (loss, grad norm, lr).
@@ -478,6 +488,8 @@ def train_step(job: Job, data: Data, trainee: Trainee, step: list[list[int]], st
     # DDP averages gradients over processes; multiplying by world_size undoes that.
     scale = job.world_size / step_tokens
     micro = my_micro_batches(step, job.rank, job.world_size)
+    if config.fuse_steps:
+        micro = fused(micro)
     local_sum = 0.0
     for j, (indices, weight) in enumerate(micro):
         batch_seqs = [data.seqs[i] for i in indices]
