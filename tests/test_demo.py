@@ -90,3 +90,17 @@ def test_demo_cli_flags_override_the_defaults_and_nothing_else(monkeypatch, tmp_
     defaults = DemoConfig()
     assert (config.train_size, config.max_new_tokens, config.model) == (
         defaults.train_size, defaults.max_new_tokens, defaults.model)
+
+
+def test_a_training_that_fails_in_its_process_stops_the_demo_with_its_run_named(tmp_path):
+    from rtune.errors import RtuneError
+
+    source = tmp_path / "answers.jsonl"
+    with open(source, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"instruction": f"Say something {i}.", "output": f"Here is thing number {i}."}) + "\n")
+    config = DemoConfig(out_dir=str(tmp_path / "demo"), model=str(tmp_path / "no-such-model"), source=str(source),
+                        train_size=4, eval_size=1, epochs=1, save_steps=0)
+    with pytest.raises(RtuneError, match=r"training .*runs.rt failed \(exit code 1\)"):
+        run_demo(config)
+    assert not (tmp_path / "demo" / "runs" / "it").exists()  # stopped at the first failure

@@ -112,7 +112,9 @@ def train_in_child(model: str, train_file: Path, run_dir: Path, train_config, re
             child.terminate()
             child.join()
     if child.exitcode != 0:
-        raise RuntimeError(f"training {run_dir} failed (exit code {child.exitcode}); its error is printed above. "
+        from rtune.errors import RtuneError
+
+        raise RtuneError(f"training {run_dir} failed (exit code {child.exitcode}); its error is printed above. "
                            "Run the demo again to continue from its last checkpoint.")
 
 
