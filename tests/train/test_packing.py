@@ -211,7 +211,7 @@ def test_training_runs_agree_across_packing_and_loss_impl(tiny_model_path, tmp_p
 
 def test_fuse_steps_runs_a_step_as_one_pass_and_needs_packing(tiny_model_path, tmp_path):
     from rtune.errors import RtuneError
-    from rtune.train.recipe import fused
+    from rtune.train.batching import fuse_micro_batches as fused
 
     assert fused([([3, 1], 1.0), ([0], 1.0), ([2, 5], 1.0)]) == [([3, 1, 0, 2, 5], 1.0)]
     # A process short of micro-batches keeps its zero-weight stand-in (DDP needs its backward).

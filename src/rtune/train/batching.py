@@ -77,6 +77,14 @@ def my_micro_batches(step: list[list[int]], rank: int, world_size: int) -> list[
     return mine + [(step[0], 0.0)] * (n - len(mine))
 
 
+def fuse_micro_batches(micro: list[tuple[list[int], float]]) -> list[tuple[list[int], float]]:
+    """A process's share of a step (my_micro_batches) as one micro-batch, for `fuse_steps`: the loss is
+    a sum over tokens normalised by the step's trained tokens, so one packed pass gives the gradient of
+    the separate ones. A zero-weight stand-in alone stays as it is (its backward keeps DDP in step)."""
+    real = [indices for indices, weight in micro if weight]
+    return [([i for indices in real for i in indices], 1.0)] if real else micro
+
+
 def trained_tokens(labels: list[int]) -> int:
     """Tokens the loss is computed on: labels != -100, except position 0 (nothing predicts it)."""
     return sum(1 for x in labels[1:] if x != IGNORE)

@@ -53,7 +53,14 @@ from rtune import run_folder
 from rtune.errors import RtuneError
 from rtune.io import atomic_dir, remove_tree, sha256_file
 from rtune.train import report_to
-from rtune.train.batching import collate_packed, collate_padded, my_micro_batches, plan_steps, trained_tokens
+from rtune.train.batching import (
+    collate_packed,
+    collate_padded,
+    fuse_micro_batches,
+    my_micro_batches,
+    plan_steps,
+    trained_tokens,
+)
 from rtune.train.checkpoint import (
     begin_checkpoint,
     clean_staging,
@@ -471,14 +478,6 @@ def fit(job: Job, data: Data, trainee: Trainee, state: Progress, progress: bool,
             dashboards.close(ok)
 
 
-def fused(micro: list[tuple[list[int], float]]) -> list[tuple[list[int], float]]:
-    """A process's micro-batches of one step as one (`fuse_steps`): the loss is a sum over tokens
-    normalised by the step's trained tokens, so one packed pass gives the gradient of the separate ones.
-    Zero-weight stand-ins (rtune.train.batching.my_micro_batches) stay as they are."""
-    real = [indices for indices, weight in micro if weight]
-    return [([i for indices in real for i in indices], 1.0)] if real else micro
-
-
 def train_step(job: Job, data: Data, trainee: Trainee, step: list[list[int]], step_tokens: int,
                step_index: int) -> tuple[float, float, float]:
     """One optimiser step over this process's micro-batches; returns (loss, grad norm, lr).
@@ -489,7 +488,7 @@ def train_step(job: Job, data: Data, trainee: Trainee, step: list[list[int]], st
     scale = job.world_size / step_tokens
     micro = my_micro_batches(step, job.rank, job.world_size)
     if config.fuse_steps:
-        micro = fused(micro)
+        micro = fuse_micro_batches(micro)
     local_sum = 0.0
     for j, (indices, weight) in enumerate(micro):
         batch_seqs = [data.seqs[i] for i in indices]
